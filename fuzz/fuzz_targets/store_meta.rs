@@ -1,0 +1,12 @@
+//! The OUTBOXKV identity file parser must never panic; an accepted file must
+//! re-encode to the same bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use outboxkv::store::meta::StoreMeta;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(meta) = StoreMeta::decode(data) {
+        assert_eq!(meta.encode().as_slice(), data);
+    }
+});

@@ -1,0 +1,184 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Result type used throughout outboxkv.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Boxed error source, used where the underlying error type belongs to another
+/// crate (RocksDB, serde) and should not leak into this crate's API.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Every error outboxkv returns.
+///
+/// Variants carry what failed, where (path, table, key, seq) and why, so that a
+/// caller can both match on the kind and log a message an operator can act on.
+/// New variants may be added in minor releases.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A filesystem operation on the store directory failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done, e.g. "create directory".
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The storage engine (RocksDB) reported an error.
+    #[error("storage engine error while {op}: {source}")]
+    Storage {
+        /// What was being done, e.g. "commit", "read".
+        op: &'static str,
+        /// The engine's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The path exists but is not an outboxkv store (or does not exist and
+    /// `create_if_missing` is off). Nothing was written.
+    #[error("{path} is not an outboxkv store: {reason}")]
+    NotAStore {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// The store was written by a format version this build does not read.
+    /// Nothing was written.
+    #[error(
+        "{path} has on-disk format version {found}; this build reads up to version {supported}"
+    )]
+    UnsupportedFormat {
+        /// The path given to `open`.
+        path: PathBuf,
+        /// The version found in the store's `OUTBOXKV` file.
+        found: u32,
+        /// The newest version this build understands.
+        supported: u32,
+    },
+
+    /// Another `Store` (in this or another process) has the store open.
+    #[error("{path} is already open in another Store (lock file {lock} is held)")]
+    Locked {
+        /// The store path.
+        path: PathBuf,
+        /// The lock file that is held.
+        lock: PathBuf,
+    },
+
+    /// Stored data failed its checksum or could not be decoded.
+    #[error("corruption in {location}: {reason}")]
+    Corruption {
+        /// Where: `table "orders" key 42`, `outbox seq 17`, a file path.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A transaction read a key (with `get_for_update`) that another
+    /// transaction changed before it could commit. Nothing was written.
+    /// [`Store::write`](crate::Store::write) retries this automatically.
+    #[error(
+        "write conflict on table {table:?} key {key}: it changed after this transaction read it"
+    )]
+    Conflict {
+        /// Table of the conflicting key.
+        table: String,
+        /// The key, rendered with `Debug`.
+        key: String,
+    },
+
+    /// Committing would grow the outbox beyond the configured maximum depth.
+    /// Nothing was written.
+    #[error(
+        "outbox full: {depth} undelivered entries, this commit adds {adding}, limit is {limit}"
+    )]
+    OutboxFull {
+        /// Entries in the outbox now.
+        depth: u64,
+        /// Entries the rejected commit would have added.
+        adding: u64,
+        /// The configured limit.
+        limit: u64,
+    },
+
+    /// A key, value or event exceeds a configured size limit. Nothing was written.
+    #[error("{what} of {size} bytes exceeds the limit of {limit} bytes ({location})")]
+    TooLarge {
+        /// "key", "value" or "event".
+        what: &'static str,
+        /// Table and key, or event type and key.
+        location: String,
+        /// Actual encoded size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+
+    /// A table name breaks the naming rules.
+    #[error("invalid table name {name:?}: {reason}")]
+    InvalidTableName {
+        /// The rejected name.
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+
+    /// An argument is outside its allowed range (an event without a type, an
+    /// option out of range, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A value or event payload could not be serialized.
+    #[error("could not encode {what}: {source}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// The serializer's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An earlier write failed at the storage layer (for example an fsync
+    /// error). After such a failure the state of the page cache is unknown, so
+    /// the store refuses further writes; reads still work. Reopen the store to
+    /// recover from the write-ahead log.
+    #[error("store is poisoned by an earlier write failure ({cause}); reopen it")]
+    Poisoned {
+        /// The first failure, as text.
+        cause: String,
+    },
+
+    /// The transaction closure asked to abort with its own error. Nothing was written.
+    #[error("transaction aborted: {0}")]
+    Aborted(#[source] BoxError),
+}
+
+impl Error {
+    /// Aborts a transaction with the caller's own error; `Store::write` returns
+    /// it unchanged inside [`Error::Aborted`] and commits nothing.
+    pub fn abort<E: Into<BoxError>>(err: E) -> Self {
+        Error::Aborted(err.into())
+    }
+
+    pub(crate) fn corruption(location: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Corruption {
+            location: location.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

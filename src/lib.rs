@@ -1,0 +1,87 @@
+//! # outboxkv
+//!
+//! An embedded storage engine for microservices: typed key-value tables on
+//! RocksDB plus a transactional **outbox**. A service changes its state and
+//! appends the events that describe the change in one atomic commit, so
+//! state and events can never disagree; a relay then ships the outbox to a
+//! broker.
+//!
+//! ```
+//! use outboxkv::{Durability, Event, Store, Table};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Default, Debug, Clone, PartialEq)]
+//! enum Status { #[default] New, Paid }
+//!
+//! #[derive(Serialize, Deserialize, Default, Debug, Clone)]
+//! struct Order { status: Status, total_cents: u64 }
+//!
+//! #[derive(Serialize)]
+//! struct OrderPaid { id: u64 }
+//!
+//! const ORDERS: Table<u64, Order> = Table::new("orders");
+//!
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("orders");
+//! let store = Store::open(&path)?; // or Store::options().durability(Durability::Buffered).open(&path)
+//! let committed = store.write(|tx| {
+//!     let mut order = tx.get_for_update(&ORDERS, &42)?.unwrap_or_default();
+//!     order.status = Status::Paid;
+//!     tx.put(&ORDERS, &42, &order)?;
+//!     tx.emit(Event::json("orders.paid", "order-42", &OrderPaid { id: 42 })?)?;
+//!     Ok(())
+//! })?; // one atomic commit
+//! assert_eq!(committed.seqs, 1..2);
+//!
+//! let order: Option<Order> = store.get(&ORDERS, &42)?;
+//! assert_eq!(order.unwrap().status, Status::Paid);
+//! for row in store.range(&ORDERS, 10..20)? {
+//!     let (id, order) = row?;
+//!     println!("{id}: {order:?}");
+//! }
+//! let events = store.outbox().read(1, 100)?;
+//! assert_eq!(events[0].event_type, "orders.paid");
+//! assert_eq!(events[0].payload, br#"{"id":42}"#);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Guarantees
+//!
+//! - **Atomicity**: a commit's table writes and outbox events are one RocksDB
+//!   write batch: after any crash, all of it is there or none of it.
+//! - **Serializable read-modify-write**: keys read with
+//!   [`WriteTx::get_for_update`] are validated at commit; a concurrent change
+//!   makes the commit fail with [`Error::Conflict`], and [`Store::write`]
+//!   re-runs the closure.
+//! - **Gap-free outbox order**: seqs are assigned in commit order, without
+//!   gaps, and become visible in that order, including across restarts.
+//! - **Durability**: [`Durability::Sync`] (default) fsyncs before returning,
+//!   sharing one fsync among concurrent committers; [`Durability::Buffered`]
+//!   survives a process crash but not a power loss.
+//!
+//! ## Crate features
+//!
+//! - `rocksdb` (default): the storage engine. Without it only the codecs
+//!   ([`store::key`], [`store::value`], [`store::meta`], [`outbox::entry`])
+//!   and the [`Event`] builder are built; the fuzz crate uses that.
+
+#![deny(missing_docs)]
+#![cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod error;
+pub mod outbox;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use outbox::entry::{EventId, OutboxEntry, StoreId};
+pub use outbox::event::Event;
+pub use store::key::{Key, KeyPrefix, KeyRange};
+pub use store::options::{Durability, StoreOptions};
+pub use store::table::Table;
+
+#[cfg(feature = "rocksdb")]
+pub use outbox::{HeadChanged, Outbox};
+#[cfg(feature = "rocksdb")]
+pub use store::{Batch, Committed, Range, Snapshot, Store, WriteTx};

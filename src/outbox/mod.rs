@@ -1,0 +1,16 @@
+//! The outbox: entries, event ids, events, and the API the relay reads with.
+//!
+//! The entry codec ([`entry`]) and [`event`] builder compile without RocksDB.
+
+pub mod entry;
+pub mod event;
+#[cfg(feature = "rocksdb")]
+pub(crate) mod notify;
+
+#[cfg(feature = "rocksdb")]
+mod api;
+
+#[cfg(feature = "rocksdb")]
+pub use api::Outbox;
+#[cfg(feature = "rocksdb")]
+pub use notify::HeadChanged;

@@ -1,0 +1,28 @@
+//! The store: opening, typed tables, codecs, reads and transactions.
+//!
+//! The codecs ([`key`], [`value`], [`meta`]) compile without RocksDB so that
+//! the fuzz crate can exercise them without building the engine.
+
+pub mod key;
+pub mod meta;
+pub mod options;
+pub mod table;
+pub mod value;
+
+#[cfg(feature = "rocksdb")]
+mod commit;
+#[cfg(feature = "rocksdb")]
+pub(crate) mod open;
+#[cfg(feature = "rocksdb")]
+mod read;
+#[cfg(feature = "rocksdb")]
+mod tx;
+
+#[cfg(feature = "rocksdb")]
+pub use open::Store;
+#[cfg(feature = "rocksdb")]
+pub(crate) use open::{CF_META, CF_OUTBOX};
+#[cfg(feature = "rocksdb")]
+pub use read::{Range, Snapshot};
+#[cfg(feature = "rocksdb")]
+pub use tx::{Batch, Committed, WriteTx};

@@ -1,0 +1,123 @@
+//! Store options and durability.
+
+/// When a commit counts as done.
+///
+/// ```
+/// use outboxkv::{Durability, Store};
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::options().durability(Durability::Buffered).open(dir.path())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// The write-ahead log is fsynced before the commit returns: the commit
+    /// survives a power loss. Concurrent `Sync` commits share one fsync
+    /// (group commit). The default.
+    #[default]
+    Sync,
+    /// The commit is in the operating system's page cache when it returns: it
+    /// survives a crash of the process, not of the machine. A relay may ship
+    /// a `Buffered` event that a power loss then erases.
+    Buffered,
+}
+
+/// Default for [`StoreOptions::max_key_size`]: 16 KiB.
+pub const DEFAULT_MAX_KEY_SIZE: usize = 16 << 10;
+/// Default for [`StoreOptions::max_value_size`]: 16 MiB.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 << 20;
+/// Default for [`StoreOptions::max_event_size`]: 1 MiB (NATS' default `max_payload`).
+pub const DEFAULT_MAX_EVENT_SIZE: usize = 1 << 20;
+/// Default for [`StoreOptions::max_conflict_retries`].
+pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 16;
+
+/// Options for opening a [`Store`](crate::Store); get one from
+/// [`Store::options`](crate::Store::options).
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct StoreOptions {
+    pub(crate) durability: Durability,
+    pub(crate) create_if_missing: bool,
+    pub(crate) max_outbox_depth: Option<u64>,
+    pub(crate) max_key_size: usize,
+    pub(crate) max_value_size: usize,
+    pub(crate) max_event_size: usize,
+    pub(crate) max_conflict_retries: u32,
+    pub(crate) block_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Sync,
+            create_if_missing: true,
+            max_outbox_depth: None,
+            max_key_size: DEFAULT_MAX_KEY_SIZE,
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            max_event_size: DEFAULT_MAX_EVENT_SIZE,
+            max_conflict_retries: DEFAULT_MAX_CONFLICT_RETRIES,
+            block_cache_bytes: 32 << 20,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Default durability of commits; a transaction can override it with
+    /// [`WriteTx::set_durability`](crate::WriteTx::set_durability).
+    /// Default: [`Durability::Sync`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Create the store when the path does not exist or is an empty directory.
+    /// Default: `true`.
+    pub fn create_if_missing(mut self, yes: bool) -> Self {
+        self.create_if_missing = yes;
+        self
+    }
+
+    /// Maximum number of undelivered outbox entries. A commit that would go
+    /// past it fails at once with [`Error::OutboxFull`](crate::Error::OutboxFull)
+    /// and writes nothing (it does not wait): the service sees backpressure
+    /// and decides. Default: `None`, unbounded.
+    pub fn max_outbox_depth(mut self, depth: Option<u64>) -> Self {
+        self.max_outbox_depth = depth;
+        self
+    }
+
+    /// Largest encoded key, in bytes; larger keys fail with
+    /// [`Error::TooLarge`](crate::Error::TooLarge). Default: 16 KiB.
+    pub fn max_key_size(mut self, bytes: usize) -> Self {
+        self.max_key_size = bytes;
+        self
+    }
+
+    /// Largest encoded value, in bytes; capped at 64 MiB whatever is asked.
+    /// Default: 16 MiB.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes.min(super::value::MAX_VALUE_BYTES);
+        self
+    }
+
+    /// Largest event (payload, key, type, content type and headers), in
+    /// bytes; capped at 64 MiB. Default: 1 MiB, NATS' default `max_payload`.
+    pub fn max_event_size(mut self, bytes: usize) -> Self {
+        self.max_event_size = bytes.min(64 << 20);
+        self
+    }
+
+    /// How many times [`Store::write`](crate::Store::write) re-runs a closure
+    /// whose commit hit a conflict before returning
+    /// [`Error::Conflict`](crate::Error::Conflict). Default: 16.
+    pub fn max_conflict_retries(mut self, retries: u32) -> Self {
+        self.max_conflict_retries = retries;
+        self
+    }
+
+    /// Size of RocksDB's block cache. Default: 32 MiB.
+    pub fn block_cache_bytes(mut self, bytes: usize) -> Self {
+        self.block_cache_bytes = bytes;
+        self
+    }
+}

@@ -1,0 +1,457 @@
+//! Write transactions and blind-write batches.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::ops::Range;
+
+use rocksdb::{DB, SnapshotWithThreadMode, WriteBatch};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::commit::{ReadRecord, Request};
+use super::key::{Key, render};
+use super::open::{CF_TABLES, Store};
+use super::options::Durability;
+use super::read::{Snapshot, decode_stored};
+use super::table::{Table, full_key};
+use super::value::encode_value;
+use crate::error::{Error, Result};
+use crate::outbox::entry::{EventId, StoreId};
+use crate::outbox::event::Event;
+
+/// What a successful commit returns: the closure's value and the outbox seqs
+/// the commit's events were given (empty when it emitted none).
+///
+/// ```
+/// # use outboxkv::{Event, Store};
+/// # let dir = tempfile::tempdir()?;
+/// # let store = Store::open(dir.path())?;
+/// let committed = store.write(|tx| {
+///     tx.emit(Event::bytes("pings", "k", b"1".to_vec()))?;
+///     tx.emit(Event::bytes("pings", "k", b"2".to_vec()))?;
+///     Ok("done")
+/// })?;
+/// assert_eq!(committed.value, "done");
+/// assert_eq!(committed.seqs, 1..3);
+/// assert_eq!(committed.event_ids().count(), 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed<T> {
+    /// What the transaction closure returned.
+    pub value: T,
+    /// Seqs assigned to the emitted events, in emit order.
+    pub seqs: Range<u64>,
+    store: StoreId,
+}
+
+impl<T> Committed<T> {
+    /// The ids of the emitted events, in emit order.
+    pub fn event_ids(&self) -> impl Iterator<Item = EventId> + '_ {
+        self.seqs.clone().map(|seq| EventId {
+            store: self.store,
+            seq,
+        })
+    }
+
+    fn map<U>(self, value: U) -> Committed<U> {
+        Committed {
+            value,
+            seqs: self.seqs,
+            store: self.store,
+        }
+    }
+}
+
+/// Writes and events staged by a transaction or batch.
+struct Staged<'s> {
+    store: &'s Store,
+    /// Full key → encoded value, or `None` for a delete. Ordered, so the
+    /// RocksDB batch is built in key order and a key written twice is
+    /// written once.
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    events: Vec<Event>,
+    durability: Durability,
+}
+
+impl<'s> Staged<'s> {
+    fn new(store: &'s Store) -> Self {
+        Staged {
+            store,
+            writes: BTreeMap::new(),
+            events: Vec::new(),
+            durability: store.inner.opts.durability,
+        }
+    }
+
+    fn key<K: Key + ?Sized, V>(&self, table: &Table<K, V>, key: &K) -> Result<Vec<u8>> {
+        let full = full_key(table, key)?;
+        let limit = self.store.inner.opts.max_key_size;
+        let size = full.len() - table.name().len() - 1;
+        if size > limit {
+            return Err(Error::TooLarge {
+                what: "key",
+                location: format!("table {:?} key {key:?}", table.name()),
+                size,
+                limit,
+            });
+        }
+        Ok(full)
+    }
+
+    fn put<K: Key + ?Sized, V: Serialize>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+        value: &V,
+    ) -> Result<()> {
+        let full = self.key(table, key)?;
+        let mut bytes = Vec::new();
+        encode_value(value, &mut bytes).map_err(|e| Error::Encode {
+            what: format!("value for table {:?} key {key:?}", table.name()),
+            source: Box::new(e),
+        })?;
+        let limit = self.store.inner.opts.max_value_size;
+        if bytes.len() > limit {
+            return Err(Error::TooLarge {
+                what: "value",
+                location: format!("table {:?} key {key:?}", table.name()),
+                size: bytes.len(),
+                limit,
+            });
+        }
+        self.writes.insert(full, Some(bytes));
+        Ok(())
+    }
+
+    fn delete<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, key: &K) -> Result<()> {
+        let full = self.key(table, key)?;
+        self.writes.insert(full, None);
+        Ok(())
+    }
+
+    fn emit(&mut self, event: Event) -> Result<()> {
+        event.validate(self.store.inner.opts.max_event_size)?;
+        self.events.push(event);
+        Ok(())
+    }
+
+    fn commit(self, start_version: Option<u64>, reads: &[ReadRecord]) -> Result<Committed<()>> {
+        let inner = &self.store.inner;
+        let store = inner.meta.store_id;
+        if self.writes.is_empty() && self.events.is_empty() {
+            if let Some(start) = start_version {
+                inner.pipeline.end_read(start);
+            }
+            return Ok(Committed {
+                value: (),
+                seqs: 0..0,
+                store,
+            });
+        }
+        let tables = match inner.cf(CF_TABLES) {
+            Ok(cf) => cf,
+            Err(e) => {
+                if let Some(start) = start_version {
+                    inner.pipeline.end_read(start);
+                }
+                return Err(e);
+            }
+        };
+        let mut batch = WriteBatch::default();
+        let mut write_hashes = Vec::with_capacity(self.writes.len());
+        for (key, value) in &self.writes {
+            write_hashes.push(inner.key_hasher.hash_one(key));
+            match value {
+                Some(v) => batch.put_cf(tables, key, v),
+                None => batch.delete_cf(tables, key),
+            }
+        }
+        let assigned = inner.pipeline.commit(
+            inner,
+            Request {
+                start_version,
+                reads,
+                write_hashes,
+                batch,
+                events: &self.events,
+                sync: self.durability == Durability::Sync,
+            },
+        )?;
+        Ok(Committed {
+            value: (),
+            seqs: assigned.seqs,
+            store,
+        })
+    }
+}
+
+/// A read-modify-write transaction; get one from [`Store::write`] (which
+/// retries on conflict) or [`Store::begin`].
+///
+/// Reads see one consistent snapshot, taken at the first read, plus the
+/// transaction's own writes. Keys read with [`get_for_update`] are checked at
+/// commit: if another transaction committed a change to one of them after
+/// this snapshot, the commit fails with [`Error::Conflict`] and writes
+/// nothing. That makes read-modify-write serializable. Plain [`get`] reads
+/// are not checked (snapshot isolation): use `get_for_update` for every
+/// value your writes depend on.
+///
+/// Dropping a transaction without committing discards it.
+///
+/// [`get_for_update`]: WriteTx::get_for_update
+/// [`get`]: WriteTx::get
+///
+/// ```
+/// use outboxkv::{Error, Store, Table};
+/// const COUNTERS: Table<str, u64> = Table::new("counters");
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path())?;
+/// let mut a = store.begin();
+/// let mut b = store.begin();
+/// let va = a.get_for_update(&COUNTERS, "hits")?.unwrap_or(0);
+/// let vb = b.get_for_update(&COUNTERS, "hits")?.unwrap_or(0);
+/// a.put(&COUNTERS, "hits", &(va + 1))?;
+/// b.put(&COUNTERS, "hits", &(vb + 1))?;
+/// a.commit()?;
+/// assert!(matches!(b.commit(), Err(Error::Conflict { .. })));
+/// assert_eq!(store.get(&COUNTERS, "hits")?, Some(1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct WriteTx<'s> {
+    staged: Staged<'s>,
+    view: Option<(SnapshotWithThreadMode<'s, DB>, u64)>,
+    reads: Vec<ReadRecord>,
+}
+
+impl std::fmt::Debug for WriteTx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTx")
+            .field("writes", &self.staged.writes.len())
+            .field("events", &self.staged.events.len())
+            .field("reads", &self.reads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'s> WriteTx<'s> {
+    pub(crate) fn new(store: &'s Store) -> Self {
+        WriteTx {
+            staged: Staged::new(store),
+            view: None,
+            reads: Vec::new(),
+        }
+    }
+
+    fn snapshot(&mut self) -> Snapshot<'_> {
+        let store = self.staged.store;
+        let (snap, _) = self.view.get_or_insert_with(|| {
+            let start = store.inner.pipeline.begin_read();
+            (store.inner.db.snapshot(), start)
+        });
+        Snapshot::borrowed(&store.inner, snap)
+    }
+
+    fn read<K: Key + ?Sized, V: DeserializeOwned>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+        track: bool,
+    ) -> Result<Option<V>> {
+        let full = full_key(table, key)?;
+        if track {
+            let inner = &self.staged.store.inner;
+            self.reads.push(ReadRecord {
+                hash: inner.key_hasher.hash_one(&full),
+                table: table.name(),
+                key: full[table.name().len() + 1..].to_vec(),
+                render: render::<K>,
+            });
+        }
+        if let Some(own) = self.staged.writes.get(&full) {
+            return match own {
+                Some(bytes) => decode_stored::<K, V>(table.name(), &full, bytes).map(Some),
+                None => Ok(None),
+            };
+        }
+        self.snapshot().get_full::<K, V>(table.name(), &full)
+    }
+
+    /// Reads a value at the transaction's snapshot (or its own write), without
+    /// conflict tracking.
+    pub fn get<K: Key + ?Sized, V: DeserializeOwned>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+    ) -> Result<Option<V>> {
+        self.read(table, key, false)
+    }
+
+    /// Reads a value and records the read: if another transaction commits a
+    /// change to this key before this one commits, this commit fails with
+    /// [`Error::Conflict`] (and [`Store::write`] runs the closure again).
+    pub fn get_for_update<K: Key + ?Sized, V: DeserializeOwned>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+    ) -> Result<Option<V>> {
+        self.read(table, key, true)
+    }
+
+    /// Whether the key exists at the snapshot (or in the transaction's own writes).
+    pub fn contains<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, key: &K) -> Result<bool> {
+        let full = full_key(table, key)?;
+        if let Some(own) = self.staged.writes.get(&full) {
+            return Ok(own.is_some());
+        }
+        self.snapshot().contains_full(&full)
+    }
+
+    /// Stages a write of `value` under `key`. Fails with [`Error::TooLarge`]
+    /// past the key or value size limit.
+    pub fn put<K: Key + ?Sized, V: Serialize>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+        value: &V,
+    ) -> Result<()> {
+        self.staged.put(table, key, value)
+    }
+
+    /// Stages a delete of `key` (deleting a missing key is not an error).
+    pub fn delete<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, key: &K) -> Result<()> {
+        self.staged.delete(table, key)
+    }
+
+    /// Appends an event to the outbox as part of this transaction. Its seq and
+    /// id are assigned at commit. Fails with [`Error::TooLarge`] past the event
+    /// size limit, [`Error::InvalidArgument`] for a malformed event.
+    pub fn emit(&mut self, event: Event) -> Result<()> {
+        self.staged.emit(event)
+    }
+
+    /// Overrides the store's default durability for this commit.
+    pub fn set_durability(&mut self, durability: Durability) {
+        self.staged.durability = durability;
+    }
+
+    /// Commits atomically: every write and every event, or nothing. Fails
+    /// with [`Error::Conflict`] when a key read with `get_for_update` changed
+    /// meanwhile (not retried here; [`Store::write`] retries).
+    pub fn commit(mut self) -> Result<Committed<()>> {
+        let view = self.view.take();
+        let start = view.as_ref().map(|(_, v)| *v);
+        let reads = std::mem::take(&mut self.reads);
+        let store = self.staged.store;
+        let staged = std::mem::replace(&mut self.staged, Staged::new(store));
+        drop(view);
+        staged.commit(start, &reads)
+    }
+}
+
+impl Drop for WriteTx<'_> {
+    fn drop(&mut self) {
+        if let Some((_, start)) = self.view.take() {
+            self.staged.store.inner.pipeline.end_read(start);
+        }
+    }
+}
+
+/// A blind-write batch: puts, deletes and events committed atomically with no
+/// reads and so no conflict checks. Get one from [`Store::batch`].
+///
+/// ```
+/// use outboxkv::{Event, Store, Table};
+/// const SEEN: Table<u64, bool> = Table::new("seen");
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path())?;
+/// let mut batch = store.batch();
+/// batch.put(&SEEN, &7, &true)?;
+/// batch.emit(Event::bytes("seen", "7", Vec::new()))?;
+/// let committed = batch.commit()?;
+/// assert_eq!(committed.seqs, 1..2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Batch<'s> {
+    staged: Staged<'s>,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("writes", &self.staged.writes.len())
+            .field("events", &self.staged.events.len())
+            .finish()
+    }
+}
+
+impl<'s> Batch<'s> {
+    /// Stages a write.
+    pub fn put<K: Key + ?Sized, V: Serialize>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+        value: &V,
+    ) -> Result<()> {
+        self.staged.put(table, key, value)
+    }
+
+    /// Stages a delete.
+    pub fn delete<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, key: &K) -> Result<()> {
+        self.staged.delete(table, key)
+    }
+
+    /// Stages an event.
+    pub fn emit(&mut self, event: Event) -> Result<()> {
+        self.staged.emit(event)
+    }
+
+    /// Overrides the store's default durability for this commit.
+    pub fn set_durability(&mut self, durability: Durability) {
+        self.staged.durability = durability;
+    }
+
+    /// Commits atomically.
+    pub fn commit(self) -> Result<Committed<()>> {
+        self.staged.commit(None, &[])
+    }
+}
+
+impl Store {
+    /// Runs `f` in a transaction and commits it atomically, retrying the
+    /// whole closure (up to `max_conflict_retries` times) when the commit
+    /// conflicts with a concurrent one. `f` may run more than once: keep side
+    /// effects out of it. An error returned by `f` aborts the transaction and
+    /// is returned as is (wrap your own errors with [`Error::abort`]).
+    pub fn write<T, F>(&self, mut f: F) -> Result<Committed<T>>
+    where
+        F: FnMut(&mut WriteTx<'_>) -> Result<T>,
+    {
+        let mut attempt = 0;
+        loop {
+            let mut tx = self.begin();
+            let value = f(&mut tx)?;
+            match tx.commit() {
+                Ok(c) => return Ok(c.map(value)),
+                Err(Error::Conflict { .. }) if attempt < self.inner.opts.max_conflict_retries => {
+                    attempt += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Starts a transaction that you commit yourself (no automatic retry).
+    pub fn begin(&self) -> WriteTx<'_> {
+        WriteTx::new(self)
+    }
+
+    /// Starts a blind-write batch (no reads, no conflict checks).
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            staged: Staged::new(self),
+        }
+    }
+}
