@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use outboxkv::{Durability, Event, Store, Table};
-use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
 
 const STATE: Table<u64, Vec<u8>> = Table::new("state");
 const STATE_BYTES: usize = 200;
 const EVENT_BYTES: usize = 300;
 
-fn commit_one(store: &Store, id: u64, state: &[u8], payload: &[u8]) {
+#[allow(clippy::ptr_arg)] // the table's value type is Vec<u8>
+fn commit_one(store: &Store, id: u64, state: &Vec<u8>, payload: &[u8]) {
     let r = store.write(|tx| {
-        tx.put(&STATE, &id, &state.to_vec())?;
+        tx.put(&STATE, &id, state)?;
         tx.emit(Event::bytes("bench.changed", "k", payload.to_vec()))
     });
     if let Err(e) = r {
@@ -38,11 +39,19 @@ fn buffered_single_thread(c: &mut Criterion) {
     let state = vec![7u8; STATE_BYTES];
     let payload = vec![9u8; EVENT_BYTES];
 
+    // The raw side gets the same column families and compression as
+    // outboxkv's, and is closed (its background flushes finished) before
+    // outboxkv is measured.
     let raw_dir = tempfile::tempdir().expect("tempdir");
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = ["tables", "outbox"].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cf_opts = || {
+        let mut o = Options::default();
+        o.set_compression_type(DBCompressionType::Lz4);
+        o
+    };
+    let cfs = ["tables", "outbox", "meta"].map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
     let db = DB::open_cf_descriptors(&opts, raw_dir.path(), cfs).expect("open raw rocksdb");
     let mut wo = WriteOptions::default();
     wo.set_sync(false);
@@ -62,6 +71,7 @@ fn buffered_single_thread(c: &mut Criterion) {
             db.write_opt(batch, &wo).expect("raw write");
         })
     });
+    drop(db);
 
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::options()

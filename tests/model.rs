@@ -124,7 +124,7 @@ fn open(path: &Path) -> Result<Store, TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn store_matches_model(steps in prop::collection::vec(step(), 1..40)) {

@@ -1,5 +1,7 @@
 //! Events as a transaction emits them.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -35,7 +37,7 @@ pub const MAX_HEADERS: usize = 64;
 pub struct Event {
     pub(crate) event_type: String,
     pub(crate) key: String,
-    pub(crate) content_type: String,
+    pub(crate) content_type: Cow<'static, str>,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) payload: Vec<u8>,
 }
@@ -58,7 +60,7 @@ impl Event {
         Ok(Event {
             event_type,
             key: key.into(),
-            content_type: JSON.to_string(),
+            content_type: Cow::Borrowed(JSON),
             headers: Vec::new(),
             payload,
         })
@@ -74,7 +76,7 @@ impl Event {
         Event {
             event_type: event_type.into(),
             key: key.into(),
-            content_type: OCTET_STREAM.to_string(),
+            content_type: Cow::Borrowed(OCTET_STREAM),
             headers: Vec::new(),
             payload: payload.into(),
         }
@@ -83,7 +85,7 @@ impl Event {
     /// Sets the payload's MIME type.
     #[must_use]
     pub fn with_content_type(mut self, content_type: impl Into<String>) -> Event {
-        self.content_type = content_type.into();
+        self.content_type = Cow::Owned(content_type.into());
         self
     }
 

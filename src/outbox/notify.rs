@@ -3,18 +3,22 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 /// Holds the outbox head (last committed seq) and wakes both blocking and
-/// async waiters when it moves. Publishing costs one uncontended lock when
+/// async waiters when it moves. Publishing costs two atomic operations when
 /// nobody waits.
 #[derive(Debug, Default)]
 pub(crate) struct Notifier {
     head: AtomicU64,
+    /// Blocked `wait_beyond` callers plus registered wakers. `publish` skips
+    /// the lock when it is zero (both sides use SeqCst: either the waiter
+    /// sees the new head or the publisher sees the waiter).
+    waiters: AtomicUsize,
     lock: Mutex<Vec<Waker>>,
     cond: Condvar,
 }
@@ -28,13 +32,17 @@ impl Notifier {
     }
 
     pub(crate) fn head(&self) -> u64 {
-        self.head.load(Ordering::Acquire)
+        self.head.load(Ordering::SeqCst)
     }
 
     /// Records a new head and wakes every waiter.
     pub(crate) fn publish(&self, head: u64) {
-        self.head.fetch_max(head, Ordering::AcqRel);
+        self.head.fetch_max(head, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let wakers = std::mem::take(&mut *self.lock.lock());
+        self.waiters.fetch_sub(wakers.len(), Ordering::SeqCst);
         self.cond.notify_all();
         for w in wakers {
             w.wake();
@@ -44,21 +52,24 @@ impl Notifier {
     /// Blocks until the head is beyond `seq` or `timeout` passes; returns the head.
     pub(crate) fn wait_beyond(&self, seq: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now().checked_add(timeout);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock();
-        loop {
+        let head = loop {
             let head = self.head();
             if head > seq {
-                return head;
+                break head;
             }
             match deadline {
                 Some(d) => {
                     if self.cond.wait_until(&mut guard, d).timed_out() {
-                        return self.head();
+                        break self.head();
                     }
                 }
                 None => self.cond.wait(&mut guard),
             }
-        }
+        };
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        head
     }
 }
 
@@ -80,15 +91,19 @@ impl Future for HeadChanged {
             return Poll::Ready(head);
         }
         let mut wakers = self.notifier.lock.lock();
-        // Re-check under the lock: `publish` swaps the list under the same
-        // lock after storing the head, so no wake-up can fall in between.
+        if wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        // Count the waker before re-checking the head: `publish` stores the
+        // head before it reads the count, so either we see its head here or
+        // it sees our waker and takes the list (under this lock).
+        self.notifier.waiters.fetch_add(1, Ordering::SeqCst);
         let head = self.notifier.head();
         if head > self.after {
+            self.notifier.waiters.fetch_sub(1, Ordering::SeqCst);
             return Poll::Ready(head);
         }
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
-        }
+        wakers.push(cx.waker().clone());
         Poll::Pending
     }
 }

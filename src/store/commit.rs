@@ -22,6 +22,7 @@
 //! is what keeps seqs gap-free and unambiguous.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use parking_lot::{Condvar, Mutex};
 use rocksdb::WriteBatch;
 
 use super::open::{CF_OUTBOX, Inner};
+use super::tx::WriteSet;
 use crate::Durability;
 use crate::error::{Error, Result};
 use crate::outbox::entry::{EntryFields, EventId, encode_parts};
@@ -38,6 +40,8 @@ use crate::outbox::event::Event;
 
 /// Size of a RocksDB write batch header: 8-byte sequence, 4-byte count.
 const BATCH_HEADER: usize = 12;
+/// Groups one leader writes in a row before handing leadership on.
+const LEADER_ROUNDS: u32 = 8;
 /// Conflict-index size above which it is trimmed while transactions are open.
 const TRIM_AT: usize = 16 * 1024;
 
@@ -54,7 +58,7 @@ pub(crate) struct Request<'a> {
     /// Snapshot version and reads to validate, if the transaction read.
     pub start_version: Option<u64>,
     pub reads: &'a [ReadRecord],
-    pub write_hashes: Vec<u64>,
+    pub writes: &'a WriteSet,
     pub batch: WriteBatch,
     pub events: &'a [Event],
     pub sync: bool,
@@ -99,6 +103,10 @@ struct State {
     queue: Vec<Pending>,
     leader: bool,
     poisoned: Option<String>,
+    /// Reused buffer for encoding outbox entries.
+    scratch: Vec<u8>,
+    /// Reused (empty) group vector.
+    spare: Vec<Pending>,
 }
 
 impl State {
@@ -157,6 +165,8 @@ impl Pipeline {
                 queue: Vec::new(),
                 leader: false,
                 poisoned: None,
+                scratch: Vec::new(),
+                spare: Vec::new(),
             }),
             first_seq: AtomicU64::new(first_seq),
         }
@@ -192,8 +202,10 @@ impl Pipeline {
         let (pending, seqs) = self.order(inner, outbox, &mut st, req)?;
         if !st.leader {
             st.leader = true;
+            let mut group = std::mem::take(&mut st.spare);
+            group.push(pending);
             drop(st);
-            self.lead(inner, vec![pending])?;
+            self.lead(inner, group)?;
             return Ok(Assigned { seqs });
         }
         let slot = Arc::new(Slot {
@@ -276,7 +288,8 @@ impl Pipeline {
         let mut batch = req.batch;
         if adding > 0 {
             let created = now_micros();
-            let mut buf = Vec::new();
+            // One scratch buffer reused by every commit (we hold the lock).
+            let mut buf = std::mem::take(&mut st.scratch);
             for (i, event) in req.events.iter().enumerate() {
                 let seq = first + i as u64;
                 let id = EventId {
@@ -287,9 +300,12 @@ impl Pipeline {
                 encode_parts(&mut buf, seq, id, created, EntryFields::from(event));
                 batch.put_cf(outbox, seq.to_be_bytes(), &buf);
             }
+            buf.clear();
+            buf.shrink_to(64 << 10);
+            st.scratch = buf;
         }
-        for h in req.write_hashes {
-            st.writes.insert(h, version);
+        for key in req.writes.keys() {
+            st.writes.insert(inner.key_hasher.hash_one(key), version);
         }
         let pending = Pending {
             batch,
@@ -301,9 +317,81 @@ impl Pipeline {
         Ok((pending, first..first + adding))
     }
 
-    /// Writes `group` as one RocksDB write, publishes the result to every
-    /// member, then hands leadership to the first commit queued meanwhile.
-    fn lead(&self, inner: &Inner, group: Vec<Pending>) -> Result<()> {
+    /// Writes `group` as one RocksDB write and publishes the result to every
+    /// member. While more commits queued up meanwhile, it writes them too
+    /// (up to `LEADER_ROUNDS` groups: the leader is already on a CPU, while a
+    /// hand-off would wait for another thread to be scheduled), then hands
+    /// leadership to the first waiting commit. Returns the first group's
+    /// result, which is the caller's own.
+    fn lead(&self, inner: &Inner, mut group: Vec<Pending>) -> Result<()> {
+        let mut own = None;
+        let mut rounds = 1;
+        loop {
+            let (outcome, slots, last_seq) = Self::write_group(inner, &mut group);
+            let mut st = self.state.lock();
+            if st.spare.capacity() < group.capacity() {
+                st.spare = std::mem::take(&mut group);
+            }
+            let outcome = match outcome {
+                Ok(version) => {
+                    st.visible_version = st.visible_version.max(version);
+                    Ok(())
+                }
+                Err(cause) => {
+                    tracing::error!(%cause, "outboxkv commit failed; store is poisoned");
+                    st.poisoned.get_or_insert(cause.clone());
+                    Err(cause)
+                }
+            };
+            let mut failed = Vec::new();
+            let mut next = None;
+            if st.queue.is_empty() {
+                st.leader = false;
+            } else if st.poisoned.is_some() {
+                failed = std::mem::take(&mut st.queue);
+                st.leader = false;
+            } else if rounds < LEADER_ROUNDS {
+                next = Some(std::mem::take(&mut st.queue));
+            } else if let Some(slot) = st.queue.first().and_then(|p| p.slot.as_ref()) {
+                slot.set(SlotState::Lead);
+            }
+            st.trim_writes();
+            let cause = st.poisoned.clone().unwrap_or_default();
+            drop(st);
+
+            if let (Ok(()), Some(seq)) = (&outcome, last_seq) {
+                inner.notifier.publish(seq);
+            }
+            for slot in slots {
+                slot.set(SlotState::Done(outcome.clone()));
+            }
+            for slot in failed.into_iter().filter_map(|p| p.slot) {
+                slot.set(SlotState::Done(Err(cause.clone())));
+            }
+            own.get_or_insert(outcome);
+            match next {
+                Some(g) => {
+                    group = g;
+                    rounds += 1;
+                }
+                None => break,
+            }
+        }
+        own.unwrap_or(Ok(()))
+            .map_err(|cause| Error::Poisoned { cause })
+    }
+
+    /// One RocksDB write for the whole group. Returns the group's highest
+    /// version (or the failure), the members' wake-up slots and the group's
+    /// last outbox seq.
+    fn write_group(
+        inner: &Inner,
+        group: &mut Vec<Pending>,
+    ) -> (
+        std::result::Result<u64, String>,
+        Vec<Arc<Slot>>,
+        Option<u64>,
+    ) {
         let sync = group.iter().any(|p| p.sync);
         let version = group.iter().map(|p| p.version).max().unwrap_or(0);
         let last_seq = group.iter().filter_map(|p| p.last_seq).max();
@@ -312,58 +400,21 @@ impl Pipeline {
         } else {
             Durability::Buffered
         });
-        let batch = if group.len() == 1 {
-            None
-        } else {
-            Some(merge(&group))
-        };
-        let mut slots = Vec::with_capacity(group.len());
+        let merged = (group.len() > 1).then(|| merge(group));
+        let mut slots = Vec::new();
         let mut single = None;
-        for p in group {
+        for p in group.drain(..) {
             slots.extend(p.slot);
             single = Some(p.batch);
         }
-        let written = match batch.or(single) {
+        let written = match merged.or(single) {
             Some(b) => inner.db.write_opt(b, opts),
             None => Ok(()),
         };
-
-        let mut st = self.state.lock();
-        let outcome = match written {
-            Ok(()) => {
-                st.visible_version = st.visible_version.max(version);
-                Ok(())
-            }
-            Err(e) => {
-                let cause = format!("commit write failed: {e}");
-                tracing::error!(error = %e, "outboxkv commit failed; store is poisoned");
-                st.poisoned.get_or_insert(cause.clone());
-                Err(cause)
-            }
-        };
-        let mut failed = Vec::new();
-        if st.queue.is_empty() {
-            st.leader = false;
-        } else if st.poisoned.is_some() {
-            failed = std::mem::take(&mut st.queue);
-            st.leader = false;
-        } else if let Some(next) = st.queue.first().and_then(|p| p.slot.as_ref()) {
-            next.set(SlotState::Lead);
-        }
-        st.trim_writes();
-        let cause = st.poisoned.clone().unwrap_or_default();
-        drop(st);
-
-        if let (Ok(()), Some(seq)) = (&outcome, last_seq) {
-            inner.notifier.publish(seq);
-        }
-        for slot in slots {
-            slot.set(SlotState::Done(outcome.clone()));
-        }
-        for slot in failed.into_iter().filter_map(|p| p.slot) {
-            slot.set(SlotState::Done(Err(cause.clone())));
-        }
-        outcome.map_err(|cause| Error::Poisoned { cause })
+        let outcome = written
+            .map(|()| version)
+            .map_err(|e| format!("commit write failed: {e}"));
+        (outcome, slots, last_seq)
     }
 }
 

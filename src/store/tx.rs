@@ -1,6 +1,6 @@
 //! Write transactions and blind-write batches.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::ops::Range;
 
@@ -63,13 +63,71 @@ impl<T> Committed<T> {
     }
 }
 
+/// The writes of a transaction, in the order they were made. Writing a key
+/// twice keeps both: RocksDB applies a batch in order, so the last one wins,
+/// and reads look for the last one. Small sets are searched backwards; a set
+/// that grows past `INDEX_AT` writes gets a hash index, so large batches that
+/// also read stay linear.
+#[derive(Default)]
+pub(crate) struct WriteSet {
+    entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    index: Option<HashMap<Vec<u8>, usize>>,
+}
+
+impl WriteSet {
+    const INDEX_AT: usize = 32;
+
+    fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let at = self.entries.len();
+        match &mut self.index {
+            Some(index) => {
+                index.insert(key.clone(), at);
+            }
+            None if at >= Self::INDEX_AT => {
+                let mut index: HashMap<Vec<u8>, usize> = self
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, _))| (k.clone(), i))
+                    .collect();
+                index.insert(key.clone(), at);
+                self.index = Some(index);
+            }
+            None => {}
+        }
+        self.entries.push((key, value));
+    }
+
+    /// The last write of `key`: `Some(None)` for a delete.
+    fn get(&self, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        match &self.index {
+            Some(index) => index
+                .get(key)
+                .and_then(|&i| self.entries.get(i))
+                .map(|(_, v)| v),
+            None => self
+                .entries
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.entries.iter().map(|(k, _)| k.as_slice())
+    }
+}
+
 /// Writes and events staged by a transaction or batch.
 struct Staged<'s> {
     store: &'s Store,
-    /// Full key → encoded value, or `None` for a delete. Ordered, so the
-    /// RocksDB batch is built in key order and a key written twice is
-    /// written once.
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Full key → encoded value, or `None` for a delete.
+    writes: WriteSet,
     events: Vec<Event>,
     durability: Durability,
 }
@@ -78,7 +136,7 @@ impl<'s> Staged<'s> {
     fn new(store: &'s Store) -> Self {
         Staged {
             store,
-            writes: BTreeMap::new(),
+            writes: WriteSet::default(),
             events: Vec::new(),
             durability: store.inner.opts.durability,
         }
@@ -139,7 +197,7 @@ impl<'s> Staged<'s> {
     fn commit(self, start_version: Option<u64>, reads: &[ReadRecord]) -> Result<Committed<()>> {
         let inner = &self.store.inner;
         let store = inner.meta.store_id;
-        if self.writes.is_empty() && self.events.is_empty() {
+        if self.writes.len() == 0 && self.events.is_empty() {
             if let Some(start) = start_version {
                 inner.pipeline.end_read(start);
             }
@@ -159,9 +217,7 @@ impl<'s> Staged<'s> {
             }
         };
         let mut batch = WriteBatch::default();
-        let mut write_hashes = Vec::with_capacity(self.writes.len());
-        for (key, value) in &self.writes {
-            write_hashes.push(inner.key_hasher.hash_one(key));
+        for (key, value) in &self.writes.entries {
             match value {
                 Some(v) => batch.put_cf(tables, key, v),
                 None => batch.delete_cf(tables, key),
@@ -172,7 +228,7 @@ impl<'s> Staged<'s> {
             Request {
                 start_version,
                 reads,
-                write_hashes,
+                writes: &self.writes,
                 batch,
                 events: &self.events,
                 sync: self.durability == Durability::Sync,

@@ -74,15 +74,28 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
+/// Appends to a `Vec` without going through `std::io::Write` (bincode writes
+/// many tiny slices; this keeps each one a plain `extend_from_slice`).
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
 /// Appends a framed value to `out`.
 pub fn encode_value<V: Serialize + ?Sized>(
     value: &V,
     out: &mut Vec<u8>,
 ) -> Result<(), bincode::error::EncodeError> {
     let start = out.len();
+    out.reserve(256);
     out.push(FRAME_VERSION);
     out.extend_from_slice(&[0; 4]);
-    bincode::serde::encode_into_std_write(value, out, config())?;
+    bincode::serde::encode_into_writer(value, VecWriter(out), config())?;
     let crc = crc32fast::hash(&out[start + FRAME_HEADER..]);
     out[start + 1..start + FRAME_HEADER].copy_from_slice(&crc.to_le_bytes());
     Ok(())
