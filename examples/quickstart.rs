@@ -1,9 +1,14 @@
 //! A small orders service: creates and updates orders, emitting an event in
-//! the same atomic commit as each state change, then shows the outbox.
+//! the same atomic commit as each state change; shows the outbox; then a relay
+//! ships the events to a JSON Lines file (CloudEvents) and prunes them.
 //!
 //! Run: `cargo run --release --example quickstart [DATA_DIR]`
 //! (without DATA_DIR it uses a fresh temporary directory).
 
+use std::time::Duration;
+
+use outboxkv::relay::{Relay, Shutdown};
+use outboxkv::sink::FileSink;
 use outboxkv::{Error, Event, Store, Table};
 use serde::{Deserialize, Serialize};
 
@@ -124,12 +129,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             String::from_utf8_lossy(&e.payload)
         );
     }
-    // A relay would ship these, then prune what the broker acknowledged:
-    let new_tail = outbox.prune_through(outbox.head())?;
+    // The relay ships the outbox (here to a file; the NATS sink works the
+    // same way) and prunes what the sink acknowledged.
+    let events_path = path.with_extension("events.jsonl");
+    let relay = Relay::builder(&store)
+        .sink(FileSink::open(&events_path)?)
+        .start()?;
+    relay.shutdown_blocking(Shutdown::Drain(Duration::from_secs(10)))?;
     println!(
-        "\npruned through {}; outbox depth now {}",
-        new_tail - 1,
-        outbox.depth()
+        "\nrelay delivered through seq {}; outbox depth now {}; {}:",
+        outbox.tail() - 1,
+        outbox.depth(),
+        events_path.display()
     );
+    for line in std::fs::read_to_string(&events_path)?.lines().take(3) {
+        println!("  {line}");
+    }
     Ok(())
 }

@@ -7,8 +7,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/outboxkv/target}"
 mkdir -p "$CARGO_TARGET_DIR"
 
 # apt packages: libclang for RocksDB's bindgen, a C++ toolchain for RocksDB,
-# cmake for bundled C libraries, util-linux for `flock` (used by a lock test).
-OUTBOXKV_APT_PACKAGES=(libclang-dev clang build-essential cmake pkg-config util-linux)
+# cmake for bundled C libraries, util-linux for `flock` (used by a lock test),
+# nats-server for the JetStream tests.
+OUTBOXKV_APT_PACKAGES=(libclang-dev clang build-essential cmake pkg-config util-linux nats-server)
 
 outboxkv_install_apt() {
     local missing=()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting, lints, unit/integration/doc tests,
-# and a build of the benchmarks. Installs what it needs (see scripts/env.sh).
-# Everything uses the release profile so one RocksDB build serves all.
+# Runs the whole test suite: formatting, lints, docs, unit/integration/
+# property/doc tests (including the relay against a real nats-server that
+# the tests start through scripts/nats.sh), and a build of the benchmarks.
+# Installs what it needs (see scripts/env.sh). Everything uses the release
+# profile so one RocksDB build serves all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -11,9 +13,11 @@ cargo fmt --all --check
 echo ">> codecs build without RocksDB (what the fuzz crate links)"
 cargo check --release --no-default-features --lib
 echo ">> cargo clippy"
-cargo clippy --release --all-targets -- -D warnings
+cargo clippy --release --all-features --all-targets -- -D warnings
+echo ">> rustdoc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --all-features --no-deps
 echo ">> cargo test"
-cargo test --release --all-targets
-cargo test --release --doc
+cargo test --release --all-features --all-targets
+cargo test --release --all-features --doc
 echo ">> benchmarks build"
-cargo bench --no-run
+cargo bench --all-features --no-run

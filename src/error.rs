@@ -14,6 +14,18 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Variants carry what failed, where (path, table, key, seq) and why, so that a
 /// caller can both match on the kind and log a message an operator can act on.
 /// New variants may be added in minor releases.
+///
+/// ```
+/// use outboxkv::{Error, Event, Store};
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::options().max_outbox_depth(Some(1)).open(dir.path())?;
+/// store.write(|tx| tx.emit(Event::bytes("e", "k", vec![1])))?;
+/// match store.write(|tx| tx.emit(Event::bytes("e", "k", vec![2]))) {
+///     Err(Error::OutboxFull { depth, limit, .. }) => assert_eq!((depth, limit), (1, 1)),
+///     other => panic!("expected backpressure, got {other:?}"),
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -154,6 +166,24 @@ pub enum Error {
         /// The first failure, as text.
         cause: String,
     },
+
+    /// A broker (or other sink) failed in a way the caller must see, e.g.
+    /// connecting or creating a stream at start-up.
+    #[error("{sink} sink: {message}")]
+    Broker {
+        /// The sink's name ("nats", "file", ...).
+        sink: String,
+        /// What failed.
+        message: String,
+    },
+
+    /// Something did not happen within the time allowed.
+    #[error("timed out: {0}")]
+    Timeout(String),
+
+    /// The relay is no longer running (it was shut down, or stopped on an error).
+    #[error("relay stopped: {0}")]
+    RelayStopped(String),
 
     /// The transaction closure asked to abort with its own error. Nothing was written.
     #[error("transaction aborted: {0}")]

@@ -61,6 +61,9 @@
 //!
 //! ## Crate features
 //!
+//! - `relay`: the [`relay`] (on Tokio), its metrics, and the file and
+//!   stdout [`sink`]s.
+//! - `nats`: the NATS JetStream sink.
 //! - `rocksdb` (default): the storage engine. Without it only the codecs
 //!   ([`store::key`], [`store::value`], [`store::meta`], [`outbox::entry`])
 //!   and the [`Event`] builder are built; the fuzz crate uses that.
@@ -72,9 +75,14 @@
 
 pub mod error;
 pub mod outbox;
+#[cfg(feature = "relay")]
+pub mod relay;
+#[cfg(feature = "relay")]
+pub mod sink;
 pub mod store;
 
 pub use error::{Error, Result};
+pub use outbox::dead::DeadLetter;
 pub use outbox::entry::{EventId, OutboxEntry, StoreId};
 pub use outbox::event::Event;
 pub use store::key::{Key, KeyPrefix, KeyRange};
@@ -82,6 +90,6 @@ pub use store::options::{Durability, StoreOptions};
 pub use store::table::Table;
 
 #[cfg(feature = "rocksdb")]
-pub use outbox::{HeadChanged, Outbox};
+pub use outbox::{DeadLetters, HeadChanged, Outbox};
 #[cfg(feature = "rocksdb")]
 pub use store::{Batch, Committed, Range, Snapshot, Store, WriteTx};

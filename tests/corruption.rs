@@ -16,8 +16,8 @@ const ORDERS: Table<u64, Order> = Table::new("orders");
 
 /// Flips one byte of every value in a column family, through raw RocksDB.
 fn flip_last_byte(path: &std::path::Path, cf_name: &str) -> TestResult {
-    let cfs =
-        ["tables", "outbox", "meta"].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let cfs = ["tables", "outbox", "meta", "dead_letters"]
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     let db = DB::open_cf_descriptors(&Options::default(), path.join("db"), cfs)?;
     let cf = db.cf_handle(cf_name).ok_or("missing column family")?;
     let mut changed = Vec::new();

@@ -58,7 +58,7 @@ fn entries_carry_what_was_emitted() -> TestResult {
 }
 
 #[test]
-fn reads_in_batches_and_prunes_with_one_range_delete() -> TestResult {
+fn reads_in_batches_and_prunes() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
     emit_n(&store, 25)?;
@@ -223,5 +223,30 @@ fn size_limits_are_enforced_with_typed_errors() -> TestResult {
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     assert_eq!(store.outbox().head(), 0);
     assert_eq!(store.range(&S, ..)?.count(), 0);
+    Ok(())
+}
+
+#[test]
+fn long_and_short_prunes_leave_exactly_the_rest() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(outboxkv::Durability::Buffered)
+        .open(dir.path())?;
+    emit_n(&store, 1000)?;
+    let outbox = store.outbox();
+    // 600 entries: one range delete; then 3: point deletes; then the rest.
+    for (through, next) in [(600u64, 601u64), (603, 604), (1000, 1001)] {
+        assert_eq!(outbox.prune_through(through)?, next);
+        let rest = outbox.read(0, usize::MAX)?;
+        assert_eq!(rest.len() as u64, 1000 - through);
+        assert_eq!(
+            rest.first().map(|e| e.seq),
+            (through < 1000).then_some(next)
+        );
+    }
+    drop(outbox);
+    drop(store);
+    let store = Store::open(dir.path())?;
+    assert_eq!((store.outbox().tail(), store.outbox().head()), (1001, 1000));
     Ok(())
 }

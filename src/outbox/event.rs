@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
+use super::entry::{EventId, OutboxEntry};
 use crate::error::{Error, Result};
 
 /// Content type of [`Event::json`] payloads.
@@ -40,9 +41,25 @@ pub struct Event {
     pub(crate) content_type: Cow<'static, str>,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) payload: Vec<u8>,
+    /// Set when a dead letter is replayed: the event keeps its original id
+    /// and commit time.
+    pub(crate) origin: Option<(EventId, u64)>,
 }
 
 impl Event {
+    /// The event a dead-lettered entry is replayed as: same id, type, key,
+    /// payload, headers and original time.
+    pub(crate) fn replay_of(entry: OutboxEntry) -> Event {
+        Event {
+            event_type: entry.event_type,
+            key: entry.key,
+            content_type: Cow::Owned(entry.content_type),
+            headers: entry.headers,
+            payload: entry.payload,
+            origin: Some((entry.id, entry.created_at_micros)),
+        }
+    }
+
     /// An event whose payload is `value` as JSON (`application/json`).
     ///
     /// `event_type` names what happened (`orders.paid`); `key` is the ordering
@@ -63,6 +80,7 @@ impl Event {
             content_type: Cow::Borrowed(JSON),
             headers: Vec::new(),
             payload,
+            origin: None,
         })
     }
 
@@ -79,6 +97,7 @@ impl Event {
             content_type: Cow::Borrowed(OCTET_STREAM),
             headers: Vec::new(),
             payload: payload.into(),
+            origin: None,
         }
     }
 

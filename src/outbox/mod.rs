@@ -2,6 +2,7 @@
 //!
 //! The entry codec ([`entry`]) and [`event`] builder compile without RocksDB.
 
+pub mod dead;
 pub mod entry;
 pub mod event;
 #[cfg(feature = "rocksdb")]
@@ -11,6 +12,6 @@ pub(crate) mod notify;
 mod api;
 
 #[cfg(feature = "rocksdb")]
-pub use api::Outbox;
+pub use api::{DeadLetters, Outbox};
 #[cfg(feature = "rocksdb")]
 pub use notify::HeadChanged;

@@ -292,12 +292,15 @@ impl Pipeline {
             let mut buf = std::mem::take(&mut st.scratch);
             for (i, event) in req.events.iter().enumerate() {
                 let seq = first + i as u64;
-                let id = EventId {
-                    store: inner.meta.store_id,
-                    seq,
-                };
+                let (id, at) = event.origin.unwrap_or((
+                    EventId {
+                        store: inner.meta.store_id,
+                        seq,
+                    },
+                    created,
+                ));
                 buf.clear();
-                encode_parts(&mut buf, seq, id, created, EntryFields::from(event));
+                encode_parts(&mut buf, seq, id, at, EntryFields::from(event));
                 batch.put_cf(outbox, seq.to_be_bytes(), &buf);
             }
             buf.clear();

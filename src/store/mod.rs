@@ -21,7 +21,7 @@ mod tx;
 #[cfg(feature = "rocksdb")]
 pub use open::Store;
 #[cfg(feature = "rocksdb")]
-pub(crate) use open::{CF_META, CF_OUTBOX};
+pub(crate) use open::{CF_DEAD, CF_META, CF_OUTBOX};
 #[cfg(feature = "rocksdb")]
 pub use read::{Range, Snapshot};
 #[cfg(feature = "rocksdb")]

@@ -10,7 +10,7 @@
 //!
 //! # RocksDB layout
 //!
-//! Three column families, all opened at start-up (so handles never have to
+//! Four column families, all opened at start-up (so handles never have to
 //! be created while the store is in use):
 //!
 //! - `tables`: every typed table, keys prefixed by `table name + 0x00`. One
@@ -22,6 +22,8 @@
 //!   its short-lived data can be tuned separately.
 //! - `meta`: `store_id` (cross-checked with `OUTBOXKV`) and
 //!   `outbox.pruned_through` (so seqs continue after everything was pruned).
+//! - `dead_letters`: original seq (8 bytes big-endian) → dead letter (see
+//!   `outbox::dead`).
 //!
 //! The write-ahead log is recovered in RocksDB's point-in-time mode: after a
 //! crash the database holds a prefix of the acknowledged commits, never a
@@ -49,6 +51,7 @@ use crate::outbox::notify::Notifier;
 pub(crate) const CF_TABLES: &str = "tables";
 pub(crate) const CF_OUTBOX: &str = "outbox";
 pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_DEAD: &str = "dead_letters";
 pub(crate) const META_STORE_ID: &[u8] = b"store_id";
 pub(crate) const META_PRUNED_THROUGH: &[u8] = b"outbox.pruned_through";
 const LOCK_FILE: &str = "LOCK";
@@ -109,6 +112,7 @@ pub(crate) struct Inner {
     pub(crate) write_sync: WriteOptions,
     pub(crate) write_buffered: WriteOptions,
     pub(crate) prune_lock: Mutex<()>,
+    pub(crate) replay_lock: Mutex<()>,
     _lock: File,
 }
 
@@ -176,7 +180,7 @@ impl Store {
             .db
             .flush_wal(true)
             .map_err(storage("flush WAL"))?;
-        for cf in [CF_TABLES, CF_OUTBOX, CF_META] {
+        for cf in [CF_TABLES, CF_OUTBOX, CF_META, CF_DEAD] {
             self.inner
                 .db
                 .flush_cf(self.inner.cf(cf)?)
@@ -292,6 +296,7 @@ fn rocksdb_options(opts: &StoreOptions) -> (rocksdb::Options, Vec<ColumnFamilyDe
         ColumnFamilyDescriptor::new(CF_TABLES, tables),
         ColumnFamilyDescriptor::new(CF_OUTBOX, outbox),
         ColumnFamilyDescriptor::new(CF_META, rocksdb::Options::default()),
+        ColumnFamilyDescriptor::new(CF_DEAD, rocksdb::Options::default()),
     ];
     (db, cfs)
 }
@@ -370,6 +375,7 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
         write_sync,
         write_buffered,
         prune_lock: Mutex::new(()),
+        replay_lock: Mutex::new(()),
         _lock: lock_file,
     };
     Ok(Store {

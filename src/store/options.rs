@@ -32,7 +32,19 @@ pub const DEFAULT_MAX_EVENT_SIZE: usize = 1 << 20;
 pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 16;
 
 /// Options for opening a [`Store`](crate::Store); get one from
-/// [`Store::options`](crate::Store::options).
+/// [`Store::options`](crate::Store::options). Every setter documents its default.
+///
+/// ```
+/// use outboxkv::{Durability, Store};
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::options()
+///     .durability(Durability::Sync)
+///     .max_outbox_depth(Some(100_000))
+///     .max_event_size(256 << 10)
+///     .open(dir.path().join("orders"))?;
+/// assert_eq!(store.outbox().depth(), 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct StoreOptions {

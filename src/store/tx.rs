@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::commit::{ReadRecord, Request};
 use super::key::{Key, render};
-use super::open::{CF_TABLES, Store};
+use super::open::{CF_DEAD, CF_TABLES, Store};
 use super::options::Durability;
 use super::read::{Snapshot, decode_stored};
 use super::table::{Table, full_key};
@@ -509,5 +509,35 @@ impl Store {
         Batch {
             staged: Staged::new(self),
         }
+    }
+}
+
+impl Store {
+    /// Commits replayed dead letters: appends `events` to the outbox and
+    /// deletes the dead letters `dead_seqs`, atomically.
+    pub(crate) fn commit_replay(
+        &self,
+        events: Vec<Event>,
+        dead_seqs: &[u64],
+    ) -> Result<Range<u64>> {
+        let inner = &self.inner;
+        let mut batch = WriteBatch::default();
+        let cf = inner.cf(CF_DEAD)?;
+        for seq in dead_seqs {
+            batch.delete_cf(cf, seq.to_be_bytes());
+        }
+        let writes = WriteSet::default();
+        let assigned = inner.pipeline.commit(
+            inner,
+            Request {
+                start_version: None,
+                reads: &[],
+                writes: &writes,
+                batch,
+                events: &events,
+                sync: inner.opts.durability == Durability::Sync,
+            },
+        )?;
+        Ok(assigned.seqs)
     }
 }

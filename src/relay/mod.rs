@@ -1,0 +1,526 @@
+//! The relay: ships committed outbox entries to a [`Sink`], at least once,
+//! in seq order, and prunes them once the sink acknowledged them.
+//!
+//! # Delivery
+//!
+//! - **At least once, always.** An entry leaves the outbox only after its
+//!   sink acknowledged it (or it was dead-lettered), in one atomic write that
+//!   also records the new tail, the relay's durable cursor. A crash between
+//!   the acknowledgement and that write re-sends the entry after restart.
+//! - **Effectively once where the broker deduplicates**: every attempt of an
+//!   entry carries the same event id (`<store id>-<seq>`), which sinks pass
+//!   as the broker's deduplication key (JetStream `Nats-Msg-Id`).
+//! - **Order**: entries are published in seq order and settled in seq order:
+//!   the relay never acknowledges past an entry that is still failing, and
+//!   after a failure it publishes again from that entry. So a broker that
+//!   stores messages in the order one connection sends them sees every key's
+//!   events in seq order, and in fact the global commit order. (A transient
+//!   per-message rejection followed by acceptance of a *later* message in
+//!   the same pipelined batch can still place that later message first; the
+//!   retry then re-sends in order.)
+//! - **Failures**: `Outcome::Retry` (broker unreachable, timeouts) backs off
+//!   exponentially with jitter and is retried for as long as it takes; a
+//!   broker down for minutes loses nothing. `Outcome::Rejected` counts
+//!   attempts and moves the entry to the dead-letter table when permanent or
+//!   after `max_attempts`, atomically with moving past it.
+//! - **Wake-ups**: the relay sleeps on the outbox's commit notification; an
+//!   idle relay uses no CPU and a commit reaches the sink without polling.
+
+mod backoff;
+mod metrics;
+mod sink;
+
+pub use backoff::Backoff;
+pub use metrics::RelayMetrics;
+pub use sink::{BoxFuture, Outcome, Sink};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{Error, Result};
+use crate::outbox::dead::DeadLetter;
+use crate::store::Store;
+use backoff::Jitter;
+
+/// How to stop a relay; see [`Relay::shutdown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Shutdown {
+    /// Keep shipping until the outbox is empty or the timeout passes, then stop.
+    Drain(Duration),
+    /// Stop at once; entries being published stay in the outbox and are sent
+    /// again by the next relay (at least once).
+    Now,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    Drain(Instant),
+    Now,
+}
+
+/// Builder for a [`Relay`]; get one from [`Relay::builder`].
+#[must_use]
+pub struct RelayBuilder {
+    store: Store,
+    sink: Option<Arc<dyn Sink>>,
+    batch_size: usize,
+    batch_bytes: usize,
+    linger: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+    metrics: RelayMetrics,
+}
+
+impl std::fmt::Debug for RelayBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayBuilder")
+            .field("sink", &self.sink.as_ref().map(|s| s.name().to_string()))
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayBuilder {
+    /// The sink to publish to (required).
+    pub fn sink(mut self, sink: impl Sink) -> Self {
+        self.sink = Some(Arc::new(sink));
+        self
+    }
+
+    /// The sink to publish to, already shared.
+    pub fn sink_arc(mut self, sink: Arc<dyn Sink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Most entries per published batch. Default: 500.
+    pub fn batch_size(mut self, entries: usize) -> Self {
+        self.batch_size = entries.max(1);
+        self
+    }
+
+    /// Most bytes per batch (at least one entry is always sent). Default: 4 MiB.
+    pub fn batch_bytes(mut self, bytes: usize) -> Self {
+        self.batch_bytes = bytes.max(1);
+        self
+    }
+
+    /// How long to wait for a batch to fill once entries are waiting. Adds up
+    /// to this much latency in exchange for larger batches. Default: zero.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Rejections of one entry before it is dead-lettered (permanent
+    /// rejections dead-letter at once; `Retry` outcomes never do). Default: 5.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Backoff between failed rounds. Default: [`Backoff::default`].
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Metrics to update (share them with your registry first). Default: fresh ones.
+    pub fn metrics(mut self, metrics: RelayMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Starts the relay: on the current Tokio runtime when called inside one,
+    /// otherwise on a thread of its own with a single-threaded runtime.
+    pub fn start(self) -> Result<Relay> {
+        let sink = self
+            .sink
+            .ok_or_else(|| Error::InvalidArgument("a relay needs a sink: call .sink(..)".into()))?;
+        let (stop_tx, stop_rx) = watch::channel(Mode::Running);
+        let tail = self.store.outbox().tail();
+        let (delivered_tx, delivered_rx) = watch::channel(tail.saturating_sub(1));
+        let (done_tx, done_rx) = oneshot::channel();
+        let worker = Worker {
+            store: self.store,
+            sink,
+            batch_size: self.batch_size,
+            batch_bytes: self.batch_bytes,
+            linger: self.linger,
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            metrics: self.metrics.clone(),
+            delivered: delivered_tx,
+        };
+        let task = async move {
+            let result = worker.run(stop_rx).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "outboxkv relay stopped on an error");
+            }
+            let _ = done_tx.send(result);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(task);
+            }
+            Err(_) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::io("start relay runtime", "", e))?;
+                std::thread::Builder::new()
+                    .name("outboxkv-relay".into())
+                    .spawn(move || runtime.block_on(task))
+                    .map_err(|e| Error::io("start relay thread", "", e))?;
+            }
+        }
+        Ok(Relay {
+            stop: stop_tx,
+            delivered: delivered_rx,
+            done: done_rx,
+            metrics: self.metrics,
+        })
+    }
+}
+
+/// A running relay. Dropping it stops the relay at once (like
+/// [`Shutdown::Now`]); use [`shutdown`](Relay::shutdown) to drain.
+///
+/// ```
+/// use outboxkv::{Event, Store};
+/// use outboxkv::relay::{Relay, Shutdown};
+/// use outboxkv::sink::FileSink;
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path().join("store"))?;
+/// let relay = Relay::builder(&store)
+///     .sink(FileSink::open(dir.path().join("events.jsonl"))?)
+///     .start()?;
+/// let c = store.write(|tx| tx.emit(outboxkv::Event::bytes("pings", "k", b"1".to_vec())))?;
+/// relay.wait_delivered(c.seqs.end - 1, Duration::from_secs(5)).await?;
+/// assert_eq!(store.outbox().depth(), 0); // delivered and pruned
+/// relay.shutdown(Shutdown::Drain(Duration::from_secs(5))).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Relay {
+    stop: watch::Sender<Mode>,
+    delivered: watch::Receiver<u64>,
+    done: oneshot::Receiver<Result<()>>,
+    metrics: RelayMetrics,
+}
+
+impl Relay {
+    /// A builder for a relay shipping `store`'s outbox.
+    pub fn builder(store: &Store) -> RelayBuilder {
+        RelayBuilder {
+            store: store.clone(),
+            sink: None,
+            batch_size: 500,
+            batch_bytes: 4 << 20,
+            linger: Duration::ZERO,
+            max_attempts: 5,
+            backoff: Backoff::default(),
+            metrics: RelayMetrics::new(),
+        }
+    }
+
+    /// The last seq delivered (or dead-lettered) and pruned.
+    pub fn delivered(&self) -> u64 {
+        *self.delivered.borrow()
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &RelayMetrics {
+        &self.metrics
+    }
+
+    /// Waits until every seq `<= seq` is delivered (or dead-lettered) and
+    /// pruned. Fails with [`Error::Timeout`] after `timeout`, and with
+    /// [`Error::RelayStopped`] if the relay stops first.
+    pub async fn wait_delivered(&self, seq: u64, timeout: Duration) -> Result<()> {
+        let mut rx = self.delivered.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|&d| d >= seq))
+            .await
+            .map(|r| r.map(|_| ()));
+        match waited {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Error::RelayStopped(format!(
+                "before seq {seq} was delivered"
+            ))),
+            Err(_) => Err(Error::Timeout(format!(
+                "seq {seq} not delivered within {timeout:?} (delivered through {})",
+                self.delivered()
+            ))),
+        }
+    }
+
+    /// Stops the relay and waits for it; returns the error it stopped on, if any.
+    pub async fn shutdown(self, mode: Shutdown) -> Result<()> {
+        let done = self.begin_shutdown(mode);
+        match done.await {
+            Ok(result) => result,
+            Err(_) => Err(Error::RelayStopped(
+                "the relay task ended without a result".into(),
+            )),
+        }
+    }
+
+    /// Like [`shutdown`](Relay::shutdown), for code outside an async runtime
+    /// (it blocks; do not call it from async code).
+    pub fn shutdown_blocking(self, mode: Shutdown) -> Result<()> {
+        let done = self.begin_shutdown(mode);
+        match done.blocking_recv() {
+            Ok(result) => result,
+            Err(_) => Err(Error::RelayStopped(
+                "the relay task ended without a result".into(),
+            )),
+        }
+    }
+
+    fn begin_shutdown(self, mode: Shutdown) -> oneshot::Receiver<Result<()>> {
+        let mode = match mode {
+            Shutdown::Now => Mode::Now,
+            Shutdown::Drain(t) => Instant::now().checked_add(t).map_or(Mode::Now, Mode::Drain),
+        };
+        let _ = self.stop.send(mode);
+        self.done
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+struct Worker {
+    store: Store,
+    sink: Arc<dyn Sink>,
+    batch_size: usize,
+    batch_bytes: usize,
+    linger: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+    metrics: RelayMetrics,
+    delivered: watch::Sender<u64>,
+}
+
+/// Attempts of an entry that failed at least once: (count, first failure).
+type Attempts = HashMap<u64, (u32, u64)>;
+
+impl Worker {
+    async fn run(self, mut stop: watch::Receiver<Mode>) -> Result<()> {
+        let outbox = self.store.outbox();
+        let mut attempts: Attempts = HashMap::new();
+        let mut failed_rounds = 0u32;
+        let mut jitter = Jitter::new();
+        loop {
+            // A dropped `Relay` handle closes the channel: stop like `Now`.
+            let mode = match stop.has_changed() {
+                Ok(_) => *stop.borrow_and_update(),
+                Err(_) => Mode::Now,
+            };
+            if mode == Mode::Now {
+                return Ok(());
+            }
+            let (tail, head) = (outbox.tail(), outbox.head());
+            self.metrics
+                .depth
+                .set((head + 1).saturating_sub(tail) as i64);
+            if tail > head {
+                self.metrics.oldest_undelivered_age_seconds.set(0.0);
+                match mode {
+                    Mode::Drain(_) => return Ok(()),
+                    _ => {
+                        tokio::select! {
+                            _ = outbox.changed(head) => {}
+                            _ = stop.changed() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            if !self.linger.is_zero()
+                && head + 1 - tail < self.batch_size as u64
+                && mode == Mode::Running
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.linger) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            let batch = outbox.read_limited(tail, self.batch_size, self.batch_bytes)?;
+            let Some(oldest) = batch.first() else {
+                continue;
+            };
+            let age = now_micros().saturating_sub(oldest.created_at_micros);
+            self.metrics
+                .oldest_undelivered_age_seconds
+                .set(age as f64 / 1e6);
+            self.metrics.published.inc_by(batch.len() as u64);
+            let publish = self.sink.publish(&batch);
+            let outcomes = match mode {
+                Mode::Drain(deadline) => {
+                    match tokio::time::timeout_at(deadline.into(), publish).await {
+                        Ok(o) => o,
+                        Err(_) => return Ok(()),
+                    }
+                }
+                _ => {
+                    tokio::select! {
+                        o = publish => o,
+                        _ = wait_for_now(&mut stop) => return Ok(()),
+                    }
+                }
+            };
+            let settled = self.settle(&batch, outcomes, &mut attempts);
+            if settled.through >= tail {
+                outbox.complete_through(settled.through, &settled.dead)?;
+                attempts.retain(|&seq, _| seq > settled.through);
+                self.metrics.delivered_seq.set(settled.through as i64);
+                self.delivered.send_replace(settled.through);
+            }
+            if settled.blocked {
+                failed_rounds = failed_rounds.saturating_add(1);
+                let delay = self.backoff.delay(failed_rounds, jitter.next_unit());
+                tracing::warn!(
+                    sink = self.sink.name(),
+                    seq = settled.through + 1,
+                    error = %settled.first_error,
+                    retry_in = ?delay,
+                    "outbox delivery failed; backing off"
+                );
+                let wake = tokio::time::sleep(delay);
+                match mode {
+                    Mode::Drain(deadline) => {
+                        if tokio::time::timeout_at(deadline.into(), wake)
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    _ => {
+                        tokio::select! {
+                            _ = wake => {}
+                            _ = wait_for_now(&mut stop) => return Ok(()),
+                        }
+                    }
+                }
+            } else {
+                failed_rounds = 0;
+            }
+        }
+    }
+
+    /// Walks the outcomes in seq order: everything up to the first entry that
+    /// is still failing is settled (acknowledged or dead-lettered).
+    fn settle(
+        &self,
+        batch: &[crate::OutboxEntry],
+        mut outcomes: Vec<Outcome>,
+        attempts: &mut Attempts,
+    ) -> Settled {
+        let now = now_micros();
+        let mut settled = Settled {
+            through: batch.first().map_or(0, |e| e.seq.saturating_sub(1)),
+            dead: Vec::new(),
+            blocked: false,
+            first_error: String::new(),
+        };
+        if outcomes.len() != batch.len() {
+            let error = format!(
+                "sink {} returned {} outcomes for {} entries",
+                self.sink.name(),
+                outcomes.len(),
+                batch.len()
+            );
+            outcomes = batch
+                .iter()
+                .map(|_| Outcome::Retry {
+                    error: error.clone(),
+                })
+                .collect();
+        }
+        for (entry, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Acked { duplicate, .. } => {
+                    self.metrics.acked.inc();
+                    if duplicate {
+                        self.metrics.duplicates.inc();
+                    }
+                    if !settled.blocked {
+                        settled.through = entry.seq;
+                        let latency = now.saturating_sub(entry.created_at_micros);
+                        self.metrics
+                            .commit_to_ack_seconds
+                            .observe(latency as f64 / 1e6);
+                    }
+                }
+                Outcome::Retry { error } => {
+                    self.metrics.failed.inc();
+                    attempts.entry(entry.seq).or_insert((0, now)).0 += 1;
+                    if !settled.blocked {
+                        settled.blocked = true;
+                        settled.first_error = error;
+                    }
+                }
+                Outcome::Rejected { error, permanent } => {
+                    self.metrics.failed.inc();
+                    let a = attempts.entry(entry.seq).or_insert((0, now));
+                    a.0 += 1;
+                    if settled.blocked {
+                        continue;
+                    }
+                    if permanent || a.0 >= self.max_attempts {
+                        tracing::warn!(seq = entry.seq, id = %entry.id, %error, "dead-lettering outbox entry");
+                        self.metrics.dead_lettered.inc();
+                        settled.dead.push(DeadLetter {
+                            entry: entry.clone(),
+                            error,
+                            attempts: a.0,
+                            first_failed_micros: a.1,
+                            dead_at_micros: now,
+                        });
+                        settled.through = entry.seq;
+                    } else {
+                        settled.blocked = true;
+                        settled.first_error = error;
+                    }
+                }
+            }
+        }
+        settled
+    }
+}
+
+struct Settled {
+    /// Last seq settled: everything up to it can be pruned.
+    through: u64,
+    dead: Vec<DeadLetter>,
+    /// An entry is still failing: back off, then publish again from it.
+    blocked: bool,
+    first_error: String,
+}
+
+/// Resolves when a stop-now is requested (or the relay handle is gone).
+async fn wait_for_now(stop: &mut watch::Receiver<Mode>) {
+    loop {
+        if *stop.borrow_and_update() == Mode::Now {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}

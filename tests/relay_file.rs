@@ -1,0 +1,307 @@
+//! The relay with the embedded sinks: ordering, dead letters, backoff,
+//! shutdown. Runs without a broker.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use outboxkv::relay::{Backoff, BoxFuture, Outcome, Relay, Shutdown, Sink};
+use outboxkv::sink::FileSink;
+use outboxkv::{Durability, Event, OutboxEntry, Store, Table};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const T: Table<u64, u64> = Table::new("t");
+
+fn store(dir: &tempfile::TempDir) -> outboxkv::Result<Store> {
+    Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path().join("store"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_sink_gets_every_event_once_in_order() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let path = dir.path().join("events.jsonl");
+    let relay = Relay::builder(&store)
+        .batch_size(64)
+        .sink(FileSink::open(&path)?)
+        .start()?;
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || -> outboxkv::Result<()> {
+                for i in 0..500u64 {
+                    store.write(|tx| {
+                        tx.put(&T, &(w * 1000 + i), &i)?;
+                        tx.emit(Event::json(
+                            "t.put",
+                            format!("k{}", i % 10),
+                            &serde_json::json!({ "w": w, "i": i }),
+                        )?)
+                    })?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().map_err(|_| "writer panicked")??;
+    }
+    let head = store.outbox().head();
+    assert_eq!(head, 2000);
+    relay.wait_delivered(head, Duration::from_secs(30)).await?;
+    assert_eq!(store.outbox().depth(), 0, "delivered entries are pruned");
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+        .await?;
+
+    let text = std::fs::read_to_string(&path)?;
+    let mut ids = HashSet::new();
+    let mut last_seq = 0;
+    for line in text.lines() {
+        let ev: serde_json::Value = serde_json::from_str(line)?;
+        assert_eq!(ev["specversion"], "1.0");
+        assert_eq!(ev["type"], "t.put");
+        assert!(
+            ev["data"]["i"].is_u64(),
+            "JSON payloads are embedded as data: {line}"
+        );
+        let seq = ev["outboxseq"].as_u64().ok_or("no outboxseq")?;
+        assert_eq!(seq, last_seq + 1, "lines are in seq order without gaps");
+        last_seq = seq;
+        assert!(
+            ids.insert(ev["id"].as_str().ok_or("no id")?.to_string()),
+            "duplicate id"
+        );
+    }
+    assert_eq!(ids.len(), 2000);
+    Ok(())
+}
+
+/// Rejects entries whose payload starts with `bad`, permanently; counts calls.
+struct Picky {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Sink for Picky {
+    fn name(&self) -> &str {
+        "picky"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            batch
+                .iter()
+                .map(|e| {
+                    if e.payload.starts_with(b"bad") {
+                        Outcome::Rejected {
+                            error: "message too large".into(),
+                            permanent: true,
+                        }
+                    } else {
+                        Outcome::acked()
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+#[tokio::test]
+async fn rejected_entries_are_dead_lettered_and_can_be_replayed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let relay = Relay::builder(&store)
+        .sink(Picky {
+            calls: Arc::new(AtomicUsize::new(0)),
+        })
+        .start()?;
+    let c = store.write(|tx| {
+        tx.emit(Event::bytes("e", "k", b"ok-1".to_vec()))?;
+        tx.emit(Event::bytes("e", "k", b"bad-2".to_vec()))?;
+        tx.emit(Event::bytes("e", "k", b"ok-3".to_vec()))
+    })?;
+    relay.wait_delivered(3, Duration::from_secs(10)).await?;
+    let dlq = store.outbox().dead_letters();
+    let dead = dlq.list(0, 10)?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].entry.seq, 2);
+    assert_eq!(dead[0].entry.id, c.event_ids().nth(1).ok_or("no id")?);
+    assert_eq!(dead[0].error, "message too large");
+    assert_eq!(dead[0].attempts, 1);
+    assert_eq!(relay.metrics().dead_lettered.get(), 1);
+    assert_eq!(relay.metrics().acked.get(), 2);
+
+    // Replayed: back in the outbox with the same id (and still rejected).
+    let replayed = dlq.replay(&[2])?;
+    assert_eq!(replayed, 4..5);
+    relay.wait_delivered(4, Duration::from_secs(10)).await?;
+    let again = dlq.list(0, 10)?;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].entry.seq, 4);
+    assert_eq!(
+        again[0].entry.id, dead[0].entry.id,
+        "replay keeps the event id"
+    );
+    dlq.purge(&[4])?;
+    assert_eq!(dlq.count()?, 0);
+    assert!(matches!(
+        dlq.replay(&[99]),
+        Err(outboxkv::Error::InvalidArgument(_))
+    ));
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// Fails (retryably) until `until` calls were made.
+struct Flaky {
+    calls: Arc<AtomicUsize>,
+    until: usize,
+}
+
+impl Sink for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let ok = n >= self.until;
+        Box::pin(async move {
+            batch
+                .iter()
+                .map(|_| {
+                    if ok {
+                        Outcome::acked()
+                    } else {
+                        Outcome::Retry {
+                            error: "broker down".into(),
+                        }
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+#[tokio::test]
+async fn retryable_failures_back_off_and_lose_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let relay = Relay::builder(&store)
+        .backoff(Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            factor: 2.0,
+            jitter: 0.0,
+        })
+        .sink(Flaky {
+            calls: calls.clone(),
+            until: 6,
+        })
+        .start()?;
+    let start = Instant::now();
+    store.write(|tx| (0..10).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
+    relay.wait_delivered(10, Duration::from_secs(10)).await?;
+    let took = start.elapsed();
+    // Five failed rounds wait 20 + 40 + 80 + 160 + 200 ms = 500 ms: a relay
+    // that spun would have made thousands of calls in that time.
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert!(took >= Duration::from_millis(450), "{took:?}");
+    assert_eq!(relay.metrics().failed.get(), 50);
+    assert_eq!(store.outbox().depth(), 0);
+    assert_eq!(
+        store.outbox().dead_letters().count()?,
+        0,
+        "retryable failures never dead-letter"
+    );
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// Never answers.
+struct Hang;
+
+impl Sink for Hang {
+    fn name(&self) -> &str {
+        "hang"
+    }
+    fn publish<'a>(&'a self, _batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn stopping_now_leaves_unacknowledged_entries_in_the_outbox() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let relay = Relay::builder(&store).sink(Hang).start()?;
+    store.write(|tx| tx.emit(Event::bytes("e", "k", vec![1])))?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_millis(100)))
+        .await?;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "drain honours its timeout"
+    );
+    assert_eq!(
+        store.outbox().depth(),
+        1,
+        "nothing unacknowledged was pruned"
+    );
+
+    // A second relay delivers it.
+    let path = dir.path().join("events.jsonl");
+    let relay = Relay::builder(&store)
+        .sink(FileSink::open(&path)?)
+        .start()?;
+    relay.wait_delivered(1, Duration::from_secs(10)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    assert_eq!(std::fs::read_to_string(&path)?.lines().count(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_relay_runs_without_an_async_runtime() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let path = dir.path().join("events.jsonl");
+    let relay = Relay::builder(&store)
+        .sink(FileSink::open(&path)?)
+        .start()?;
+    store.write(|tx| tx.emit(Event::bytes("e", "k", vec![1])))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.delivered() < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(relay.delivered(), 1);
+    relay.shutdown_blocking(Shutdown::Drain(Duration::from_secs(5)))?;
+    assert_eq!(std::fs::read_to_string(&path)?.lines().count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_show_depth_and_latency() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let path = dir.path().join("events.jsonl");
+    let relay = Relay::builder(&store)
+        .sink(FileSink::open(&path)?)
+        .start()?;
+    store.write(|tx| (0..5).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
+    relay.wait_delivered(5, Duration::from_secs(10)).await?;
+    let text = relay.metrics().encode_text();
+    assert!(text.contains("outboxkv_relay_acked_total 5"), "{text}");
+    assert!(
+        text.contains("outboxkv_relay_commit_to_ack_seconds_count 5"),
+        "{text}"
+    );
+    assert!(text.contains("outboxkv_relay_delivered_seq 5"), "{text}");
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! The relay against a real nats-server with JetStream (started through
+//! scripts/nats.sh): exactly-once by Nats-Msg-Id, per-key order, restarts,
+//! a server outage, and oversized messages.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::NatsServer;
+use outboxkv::relay::{Backoff, BoxFuture, Outcome, Relay, Shutdown, Sink};
+use outboxkv::sink::nats::{NatsOptions, NatsSink, StreamSetup};
+use outboxkv::{Durability, Event, OutboxEntry, Store};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const STREAM: &str = "EVENTS";
+
+fn options(server: &NatsServer) -> NatsOptions {
+    NatsOptions::new(server.url.clone())
+        .prefix("events")
+        .ack_timeout(Duration::from_secs(2))
+        .create_stream(StreamSetup {
+            name: STREAM.into(),
+            subjects: vec!["events.>".into()],
+            duplicate_window: Duration::from_secs(120),
+        })
+}
+
+struct Received {
+    /// Stream sequence → (event id, key, outbox seq)
+    messages: BTreeMap<u64, (String, String, u64)>,
+}
+
+/// Reads the whole stream back, message by message.
+async fn read_stream(js: &jetstream::Context) -> Result<Received, Box<dyn std::error::Error>> {
+    let mut stream = js.get_stream(STREAM).await?;
+    let info = stream.info().await?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut messages = BTreeMap::new();
+    for seq in first..=last {
+        let m = stream.get_raw_message(seq).await?;
+        let h = m.headers;
+        let id = h.get("Nats-Msg-Id").ok_or("no Nats-Msg-Id")?.to_string();
+        assert_eq!(h.get("ce-id").map(|v| v.to_string()), Some(id.clone()));
+        assert_eq!(
+            h.get("ce-specversion").map(|v| v.to_string()).as_deref(),
+            Some("1.0")
+        );
+        let key = h.get("ce-subject").ok_or("no ce-subject")?.to_string();
+        let outbox_seq: u64 = id.rsplit('-').next().ok_or("bad id")?.parse()?;
+        messages.insert(seq, (id, key, outbox_seq));
+    }
+    Ok(Received { messages })
+}
+
+fn commit_from_threads(store: &Store, threads: u64, per_thread: u64, keys: u64) -> TestResult {
+    let writers: Vec<_> = (0..threads)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || -> outboxkv::Result<()> {
+                for i in 0..per_thread {
+                    let key = format!("key-{}", (t * per_thread + i) % keys);
+                    store.write(|tx| {
+                        tx.emit(Event::json(
+                            "orders.changed",
+                            key.clone(),
+                            &serde_json::json!({"t": t, "i": i}),
+                        )?)
+                    })?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().map_err(|_| "writer panicked")??;
+    }
+    Ok(())
+}
+
+fn assert_exactly_once_in_key_order(received: &Received, expected: u64) {
+    let ids: HashSet<&String> = received.messages.values().map(|(id, _, _)| id).collect();
+    assert_eq!(
+        received.messages.len() as u64,
+        expected,
+        "stream message count"
+    );
+    assert_eq!(ids.len() as u64, expected, "distinct Nats-Msg-Ids");
+    let mut last_by_key: HashMap<&String, u64> = HashMap::new();
+    for (stream_seq, (_, key, seq)) in &received.messages {
+        if let Some(prev) = last_by_key.insert(key, *seq) {
+            assert!(
+                prev < *seq,
+                "key {key}: seq {seq} at stream seq {stream_seq} after {prev}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_arrive_once_in_key_order() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    let sink = NatsSink::connect(options(&server)).await?;
+    let js = sink.jetstream().clone();
+    let relay = Relay::builder(&store).sink(sink).start()?;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || {
+        commit_from_threads(&s, 4, 2500, 50).map_err(|e| e.to_string())
+    })
+    .await??;
+    assert_eq!(store.outbox().head(), 10_000);
+    relay
+        .wait_delivered(10_000, Duration::from_secs(60))
+        .await?;
+    assert_exactly_once_in_key_order(&read_stream(&js).await?, 10_000);
+    assert_eq!(relay.metrics().duplicates.get(), 0);
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+        .await?;
+    Ok(())
+}
+
+/// Publishes through the real sink, then never returns: the relay is
+/// "killed" after the broker has the batch but before it records its cursor.
+struct PublishThenHang {
+    inner: NatsSink,
+    published: Arc<AtomicUsize>,
+}
+
+impl Sink for PublishThenHang {
+    fn name(&self) -> &str {
+        "nats-then-hang"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let outcomes = self.inner.publish(batch).await;
+            let acked = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Acked { .. }))
+                .count();
+            self.published.fetch_add(acked, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            outcomes
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_the_cursor_is_recorded_is_deduplicated_by_jetstream() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| {
+        (0..200).try_for_each(|i| {
+            tx.emit(Event::bytes(
+                "orders.changed",
+                format!("k{}", i % 7),
+                vec![i as u8],
+            ))
+        })
+    })?;
+
+    let published = Arc::new(AtomicUsize::new(0));
+    let first = Relay::builder(&store)
+        .sink(PublishThenHang {
+            inner: NatsSink::connect(options(&server)).await?,
+            published: published.clone(),
+        })
+        .start()?;
+    for _ in 0..200 {
+        if published.load(Ordering::SeqCst) == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        published.load(Ordering::SeqCst),
+        200,
+        "the first relay published everything"
+    );
+    first.shutdown(Shutdown::Now).await?;
+    assert_eq!(store.outbox().depth(), 200, "but recorded nothing");
+
+    let sink = NatsSink::connect(options(&server)).await?;
+    let js = sink.jetstream().clone();
+    let second = Relay::builder(&store).sink(sink).start()?;
+    second.wait_delivered(200, Duration::from_secs(30)).await?;
+    assert_eq!(
+        second.metrics().duplicates.get(),
+        200,
+        "JetStream reported every re-sent entry as a duplicate"
+    );
+    assert_exactly_once_in_key_order(&read_stream(&js).await?, 200);
+    second.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// Counts publish calls (rounds) of the wrapped sink.
+struct Counting {
+    inner: NatsSink,
+    rounds: Arc<AtomicUsize>,
+}
+
+impl Sink for Counting {
+    fn name(&self) -> &str {
+        "nats-counting"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        self.rounds.fetch_add(1, Ordering::SeqCst);
+        self.inner.publish(batch)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_outage_loses_nothing_and_backs_off() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    let sink = NatsSink::connect(options(&server).ack_timeout(Duration::from_millis(500))).await?;
+    let js = sink.jetstream().clone();
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let relay = Relay::builder(&store)
+        .batch_size(100)
+        .backoff(Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(1),
+            factor: 2.0,
+            jitter: 0.2,
+        })
+        .sink(Counting {
+            inner: sink,
+            rounds: rounds.clone(),
+        })
+        .start()?;
+
+    let s = store.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        for i in 0..3000u64 {
+            s.write(|tx| {
+                tx.emit(Event::bytes(
+                    "orders.changed",
+                    format!("k{}", i % 13),
+                    i.to_be_bytes().to_vec(),
+                ))
+            })
+            .map_err(|e| e.to_string())?;
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.stop()?;
+    let rounds_before = rounds.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rounds_during = rounds.load(Ordering::SeqCst) - rounds_before;
+    server.restart()?;
+    writer.await??;
+    relay.wait_delivered(3000, Duration::from_secs(60)).await?;
+    // Ack timeouts of 0.5 s plus backoff growing to 1 s: a handful of rounds
+    // in 4 s, not a busy loop.
+    assert!(
+        rounds_during <= 12,
+        "{rounds_during} publish rounds during a 4 s outage"
+    );
+    assert!(relay.metrics().failed.get() > 0, "the outage was noticed");
+    assert_exactly_once_in_key_order(&read_stream(&js).await?, 3000);
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_event_is_dead_lettered_with_the_brokers_error() -> TestResult {
+    let server = NatsServer::start_with_config("max_payload: 4096")?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    let sink = NatsSink::connect(options(&server)).await?;
+    let js = sink.jetstream().clone();
+    let relay = Relay::builder(&store).sink(sink).start()?;
+    store.write(|tx| {
+        tx.emit(Event::bytes("orders.changed", "k", vec![1; 100]))?;
+        tx.emit(Event::bytes("orders.changed", "k", vec![2; 10_000]))?;
+        tx.emit(Event::bytes("orders.changed", "k", vec![3; 100]))
+    })?;
+    relay.wait_delivered(3, Duration::from_secs(30)).await?;
+    let dead = store.outbox().dead_letters().list(0, 10)?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].entry.seq, 2);
+    assert!(dead[0].error.contains("max payload"), "{}", dead[0].error);
+    let received = read_stream(&js).await?;
+    let seqs: Vec<u64> = received.messages.values().map(|(_, _, s)| *s).collect();
+    assert_eq!(seqs, vec![1, 3], "later entries are still delivered");
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
