@@ -93,10 +93,6 @@ impl Outbox {
         let cf = inner.cf(CF_OUTBOX)?;
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
-        // Every range delete covers seqs below the tail only, and reads start
-        // at the tail, so range tombstones can never hide an entry a read
-        // returns: skipping them saves fragmenting them for every iterator.
-        ro.set_ignore_range_deletions(true);
         // Bounded by the head read above: entries a concurrent commit is
         // writing right now are left for the next read.
         ro.set_iterate_upper_bound((head + 1).to_be_bytes().to_vec());
