@@ -19,16 +19,8 @@ fn script() -> PathBuf {
 
 impl NatsServer {
     pub fn start(extra_args: &[&str]) -> Result<NatsServer, Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let url = run_start(dir.path(), 0, &args)?;
-        let port = url.rsplit(':').next().ok_or("no port in url")?.parse()?;
-        Ok(NatsServer {
-            dir,
-            url,
-            port,
-            args,
-        })
+        let args = extra_args.iter().map(|s| s.to_string()).collect();
+        Self::start_in(tempfile::tempdir()?, args)
     }
 
     /// Starts a server with `config` (nats-server configuration syntax,
@@ -38,6 +30,13 @@ impl NatsServer {
         let conf = dir.path().join("server.conf");
         std::fs::write(&conf, config)?;
         let args = vec!["-c".to_string(), conf.to_string_lossy().into_owned()];
+        Self::start_in(dir, args)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        args: Vec<String>,
+    ) -> Result<NatsServer, Box<dyn std::error::Error>> {
         let url = run_start(dir.path(), 0, &args)?;
         let port = url.rsplit(':').next().ok_or("no port in url")?.parse()?;
         Ok(NatsServer {
