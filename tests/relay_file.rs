@@ -305,3 +305,37 @@ async fn metrics_show_depth_and_latency() -> TestResult {
     relay.shutdown(Shutdown::Now).await?;
     Ok(())
 }
+
+#[test]
+fn draining_right_after_start_ships_everything() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    store.write(|tx| (0..50).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
+    let path = dir.path().join("events.jsonl");
+    // Outside a runtime: the relay runs on its own thread.
+    let relay = Relay::builder(&store)
+        .batch_size(7)
+        .sink(FileSink::open(&path)?)
+        .start()?;
+    relay.shutdown_blocking(Shutdown::Drain(Duration::from_secs(10)))?;
+    assert_eq!(store.outbox().depth(), 0);
+    assert_eq!(std::fs::read_to_string(&path)?.lines().count(), 50);
+
+    // Inside a runtime, through the async shutdown.
+    store.write(|tx| (0..50).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let relay = Relay::builder(&store)
+            .batch_size(7)
+            .sink(FileSink::open(&path)?)
+            .start()?;
+        relay
+            .shutdown(Shutdown::Drain(Duration::from_secs(10)))
+            .await
+    })?;
+    assert_eq!(store.outbox().depth(), 0);
+    assert_eq!(std::fs::read_to_string(&path)?.lines().count(), 100);
+    Ok(())
+}

@@ -265,7 +265,8 @@ impl Relay {
 
     /// Stops the relay and waits for it; returns the error it stopped on, if any.
     pub async fn shutdown(self, mode: Shutdown) -> Result<()> {
-        let done = self.begin_shutdown(mode);
+        // Keep the stop channel open while waiting: closing it means "now".
+        let (_stop, done) = self.begin_shutdown(mode);
         match done.await {
             Ok(result) => result,
             Err(_) => Err(Error::RelayStopped(
@@ -277,7 +278,7 @@ impl Relay {
     /// Like [`shutdown`](Relay::shutdown), for code outside an async runtime
     /// (it blocks; do not call it from async code).
     pub fn shutdown_blocking(self, mode: Shutdown) -> Result<()> {
-        let done = self.begin_shutdown(mode);
+        let (_stop, done) = self.begin_shutdown(mode);
         match done.blocking_recv() {
             Ok(result) => result,
             Err(_) => Err(Error::RelayStopped(
@@ -286,13 +287,16 @@ impl Relay {
         }
     }
 
-    fn begin_shutdown(self, mode: Shutdown) -> oneshot::Receiver<Result<()>> {
+    fn begin_shutdown(
+        self,
+        mode: Shutdown,
+    ) -> (watch::Sender<Mode>, oneshot::Receiver<Result<()>>) {
         let mode = match mode {
             Shutdown::Now => Mode::Now,
             Shutdown::Drain(t) => Instant::now().checked_add(t).map_or(Mode::Now, Mode::Drain),
         };
         let _ = self.stop.send(mode);
-        self.done
+        (self.stop, self.done)
     }
 }
 
@@ -368,20 +372,9 @@ impl Worker {
                 .oldest_undelivered_age_seconds
                 .set(age as f64 / 1e6);
             self.metrics.published.inc_by(batch.len() as u64);
-            let publish = self.sink.publish(&batch);
-            let outcomes = match mode {
-                Mode::Drain(deadline) => {
-                    match tokio::time::timeout_at(deadline.into(), publish).await {
-                        Ok(o) => o,
-                        Err(_) => return Ok(()),
-                    }
-                }
-                _ => {
-                    tokio::select! {
-                        o = publish => o,
-                        _ = wait_for_now(&mut stop) => return Ok(()),
-                    }
-                }
+            let outcomes = tokio::select! {
+                o = self.sink.publish(&batch) => o,
+                _ = must_stop(&mut stop) => return Ok(()),
             };
             let settled = self.settle(&batch, outcomes, &mut attempts);
             if settled.through >= tail {
@@ -400,22 +393,9 @@ impl Worker {
                     retry_in = ?delay,
                     "outbox delivery failed; backing off"
                 );
-                let wake = tokio::time::sleep(delay);
-                match mode {
-                    Mode::Drain(deadline) => {
-                        if tokio::time::timeout_at(deadline.into(), wake)
-                            .await
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                    }
-                    _ => {
-                        tokio::select! {
-                            _ = wake => {}
-                            _ = wait_for_now(&mut stop) => return Ok(()),
-                        }
-                    }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = must_stop(&mut stop) => return Ok(()),
                 }
             } else {
                 failed_rounds = 0;
@@ -513,14 +493,25 @@ struct Settled {
     first_error: String,
 }
 
-/// Resolves when a stop-now is requested (or the relay handle is gone).
-async fn wait_for_now(stop: &mut watch::Receiver<Mode>) {
+/// Resolves when the relay must stop what it is waiting for: at once on a
+/// stop-now (or when the relay handle is gone), or at the deadline of a drain
+/// requested before or while it waits.
+async fn must_stop(stop: &mut watch::Receiver<Mode>) {
     loop {
-        if *stop.borrow_and_update() == Mode::Now {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            return;
+        let mode = *stop.borrow_and_update();
+        match mode {
+            Mode::Now => return,
+            Mode::Drain(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline.into()) => return,
+                    changed = stop.changed() => if changed.is_err() { return },
+                }
+            }
+            Mode::Running => {
+                if stop.changed().await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
