@@ -28,6 +28,8 @@ pub struct DeadLetter {
 
 /// Version byte of the dead-letter format.
 pub const DEAD_LETTER_VERSION: u8 = 1;
+/// Longest error text kept with a dead letter (longer ones are truncated).
+pub const MAX_ERROR_LEN: usize = 64 << 10;
 
 impl DeadLetter {
     /// Encodes the dead letter:
@@ -46,7 +48,7 @@ impl DeadLetter {
         out.extend_from_slice(&self.attempts.to_be_bytes());
         out.extend_from_slice(&self.first_failed_micros.to_be_bytes());
         out.extend_from_slice(&self.dead_at_micros.to_be_bytes());
-        let error = truncate(&self.error, 64 << 10);
+        let error = truncate(&self.error, MAX_ERROR_LEN);
         out.extend_from_slice(&(error.len() as u32).to_be_bytes());
         out.extend_from_slice(error.as_bytes());
         out.extend_from_slice(&entry);
@@ -109,6 +111,11 @@ pub fn decode_dead_letter(bytes: &[u8]) -> Result<DeadLetter, DeadLetterDecodeEr
     let mut dead = [0u8; 8];
     dead.copy_from_slice(&fixed[12..20]);
     let len = u32::from_be_bytes([fixed[20], fixed[21], fixed[22], fixed[23]]) as usize;
+    if len > MAX_ERROR_LEN {
+        return Err(err(
+            "dead-letter error text is longer than the format allows",
+        ));
+    }
     if rest.len() < len {
         return Err(err("dead-letter error text ends early"));
     }
