@@ -313,10 +313,7 @@ impl DeadLetters {
         for seq in seqs {
             batch.delete_cf(cf, seq.to_be_bytes());
         }
-        inner
-            .db
-            .write_opt(batch, inner.write_options(inner.opts.durability))
-            .map_err(storage("purge dead letters"))
+        self.write(batch)
     }
 
     /// Deletes every dead letter.
@@ -326,6 +323,11 @@ impl DeadLetters {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
         batch.delete_cf(cf, u64::MAX.to_be_bytes());
+        self.write(batch)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<()> {
+        let inner = &self.store.inner;
         inner
             .db
             .write_opt(batch, inner.write_options(inner.opts.durability))

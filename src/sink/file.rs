@@ -22,6 +22,19 @@ fn render(batch: &[OutboxEntry]) -> Vec<u8> {
     out
 }
 
+/// One outcome per entry when a whole batch succeeds or fails together:
+/// acknowledged, or retried with `error`.
+fn same_for_all(n: usize, result: std::result::Result<(), String>) -> Vec<Outcome> {
+    (0..n)
+        .map(|_| match &result {
+            Ok(()) => Outcome::acked(),
+            Err(error) => Outcome::Retry {
+                error: error.clone(),
+            },
+        })
+        .collect()
+}
+
 /// Appends one CloudEvents JSON object per line to a file and fsyncs it
 /// before acknowledging the batch. Lines are only ever appended; after a
 /// crash between the fsync and the relay's cursor write a batch can appear
@@ -77,19 +90,12 @@ impl Sink for FileSink {
                 f.sync_data()
             })
             .await;
-            match written {
-                Ok(Ok(())) => (0..n).map(|_| Outcome::acked()).collect(),
-                Ok(Err(e)) => (0..n)
-                    .map(|_| Outcome::Retry {
-                        error: format!("write to sink file: {e}"),
-                    })
-                    .collect(),
-                Err(e) => (0..n)
-                    .map(|_| Outcome::Retry {
-                        error: format!("sink file writer failed: {e}"),
-                    })
-                    .collect(),
-            }
+            let result = match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("write to sink file: {e}")),
+                Err(e) => Err(format!("sink file writer failed: {e}")),
+            };
+            same_for_all(n, result)
         })
     }
 }
@@ -108,14 +114,11 @@ impl Sink for StdoutSink {
         let n = batch.len();
         Box::pin(async move {
             let mut out = std::io::stdout().lock();
-            match out.write_all(&bytes).and_then(|()| out.flush()) {
-                Ok(()) => (0..n).map(|_| Outcome::acked()).collect(),
-                Err(e) => (0..n)
-                    .map(|_| Outcome::Retry {
-                        error: format!("write to stdout: {e}"),
-                    })
-                    .collect(),
-            }
+            let result = out
+                .write_all(&bytes)
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("write to stdout: {e}"));
+            same_for_all(n, result)
         })
     }
 }
