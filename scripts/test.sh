@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, docs, unit/integration/
-# property/doc tests (including the relay against a real nats-server that
-# the tests start through scripts/nats.sh), and a build of the benchmarks.
+# property/doc tests (including the relay against a real nats-server and a
+# real Apache Kafka broker that the tests start through scripts/nats.sh and
+# scripts/kafka.sh), and a build of the benchmarks.
 # Installs what it needs (see scripts/env.sh). Everything uses the release
 # profile so one RocksDB build serves all.
 set -euo pipefail
@@ -16,6 +17,8 @@ echo ">> cargo clippy"
 cargo clippy --release --all-features --all-targets -- -D warnings
 echo ">> rustdoc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --release --all-features --no-deps
+echo ">> Apache Kafka for the Kafka tests (fetched once, before tests start brokers in parallel)"
+./scripts/kafka.sh fetch
 echo ">> cargo test"
 cargo test --release --all-features --all-targets
 cargo test --release --all-features --doc

@@ -13,8 +13,10 @@ pub struct NatsServer {
     args: Vec<String>,
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nats.sh")
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
 }
 
 impl NatsServer {
@@ -37,7 +39,7 @@ impl NatsServer {
         dir: tempfile::TempDir,
         args: Vec<String>,
     ) -> Result<NatsServer, Box<dyn std::error::Error>> {
-        let url = run_start(dir.path(), 0, &args)?;
+        let url = run_start("nats.sh", dir.path(), &["0".into()], &args)?;
         let port = url.rsplit(':').next().ok_or("no port in url")?.parse()?;
         Ok(NatsServer {
             dir,
@@ -48,35 +50,49 @@ impl NatsServer {
     }
 
     pub fn stop(&self) -> Result<(), Box<dyn std::error::Error>> {
-        let status = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status()?;
-        if !status.success() {
-            return Err(format!("scripts/nats.sh stop failed: {status}").into());
-        }
-        Ok(())
+        run_stop("nats.sh", self.dir.path())
     }
 
     /// Starts the server again on the same port with the same data.
     pub fn restart(&self) -> Result<(), Box<dyn std::error::Error>> {
-        run_start(self.dir.path(), self.port, &self.args)?;
+        run_start(
+            "nats.sh",
+            self.dir.path(),
+            &[self.port.to_string()],
+            &self.args,
+        )?;
         Ok(())
     }
 }
 
-fn run_start(dir: &Path, port: u16, args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
+fn run_stop(name: &str, dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let status = Command::new("bash")
+        .arg(script(name))
+        .arg("stop")
+        .arg(dir)
+        .status()?;
+    if !status.success() {
+        return Err(format!("scripts/{name} stop failed: {status}").into());
+    }
+    Ok(())
+}
+
+fn run_start(
+    name: &str,
+    dir: &Path,
+    ports: &[String],
+    args: &[String],
+) -> Result<String, Box<dyn std::error::Error>> {
     let out = Command::new("bash")
-        .arg(script())
+        .arg(script(name))
         .arg("start")
         .arg(dir)
-        .arg(port.to_string())
+        .args(ports)
         .args(args)
         .output()?;
     if !out.status.success() {
         return Err(format!(
-            "scripts/nats.sh start failed ({}): {}",
+            "scripts/{name} start failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         )
@@ -86,6 +102,43 @@ fn run_start(dir: &Path, port: u16, args: &[String]) -> Result<String, Box<dyn s
 }
 
 impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// A single-node Apache Kafka broker (KRaft) started through
+/// `scripts/kafka.sh`, stopped on drop. Fails (does not skip) when the script,
+/// Java or the Kafka download is missing.
+pub struct KafkaBroker {
+    pub dir: tempfile::TempDir,
+    /// `127.0.0.1:PORT`
+    pub bootstrap: String,
+}
+
+impl KafkaBroker {
+    /// Starts a broker; `properties` (`key=value`) are added to its
+    /// server.properties.
+    pub fn start(properties: &[&str]) -> Result<KafkaBroker, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let props: Vec<String> = properties.iter().map(|s| s.to_string()).collect();
+        let bootstrap = run_start("kafka.sh", dir.path(), &["0".into(), "0".into()], &props)?;
+        Ok(KafkaBroker { dir, bootstrap })
+    }
+
+    /// Stops the broker (a clean shutdown).
+    pub fn stop(&self) -> Result<(), Box<dyn std::error::Error>> {
+        run_stop("kafka.sh", self.dir.path())
+    }
+
+    /// Starts the broker again, same ports, same data.
+    pub fn restart(&self) -> Result<(), Box<dyn std::error::Error>> {
+        run_start("kafka.sh", self.dir.path(), &[], &[])?;
+        Ok(())
+    }
+}
+
+impl Drop for KafkaBroker {
     fn drop(&mut self) {
         let _ = self.stop();
     }

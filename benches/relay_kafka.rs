@@ -1,0 +1,244 @@
+//! Relay throughput and latency against a real Apache Kafka broker (started
+//! through scripts/kafka.sh), side by side with a raw rdkafka producer.
+//!
+//! Run: `cargo bench --all-features --bench relay_kafka` (add `-- --quick`
+//! for a short run). Prints a markdown table.
+//!
+//! - Throughput: N events already committed, then shipped by the relay with
+//!   batches of 100, 500 (the default), 1000 and 5000 to a 4-partition topic; the raw producer
+//!   sends the same records (300-byte payload, key, `ce_id` header) with the
+//!   same producer settings (idempotent, acks=all, murmur2_random,
+//!   linger.ms=1), 10,000
+//!   deliveries in flight, every delivery awaited, after a warm-up run of
+//!   the same size.
+//! - Latency: after one warm-up event, commits at a steady 5,000 events/s
+//!   (Sync durability) for a few seconds; commit-to-ack time of every event
+//!   (p50, p99, max), with the sink's default linger.ms=1 and librdkafka's 5.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/common/kafka.rs"]
+mod kafka;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::KafkaBroker;
+use kafka::create_topic;
+use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
+use outboxkv::sink::kafka::{KafkaOptions, KafkaSink};
+use outboxkv::{Durability, Event, OutboxEntry, Store};
+use parking_lot::Mutex;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const PAYLOAD: usize = 300;
+const PARTITIONS: i32 = 4;
+
+type BenchResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+async fn raw(bootstrap: &str, topic: &str, n: usize) -> BenchResult<Duration> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", "20000")
+        .create()?;
+    let payload = vec![7u8; PAYLOAD];
+    let start = Instant::now();
+    let mut inflight = VecDeque::new();
+    for i in 0..n {
+        if inflight.len() >= 10_000
+            && let Some(d) = inflight.pop_front()
+        {
+            wait(d).await?;
+        }
+        let key = format!("k{}", i % 50);
+        let id = format!("raw-{i}");
+        let record = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .payload(payload.as_slice())
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            }));
+        inflight.push_back(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    while let Some(d) = inflight.pop_front() {
+        wait(d).await?;
+    }
+    Ok(start.elapsed())
+}
+
+async fn wait(d: rdkafka::producer::DeliveryFuture) -> BenchResult {
+    d.await?.map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+fn options(bootstrap: &str) -> KafkaOptions {
+    KafkaOptions::new(bootstrap)
+}
+
+async fn relay_run(bootstrap: &str, topic: &str, n: usize, batch: usize) -> BenchResult<Duration> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    let payload = vec![7u8; PAYLOAD];
+    for chunk in 0..n.div_ceil(1000) {
+        store.write(|tx| {
+            (0..1000.min(n - chunk * 1000)).try_for_each(|i| {
+                tx.emit(Event::bytes(topic, format!("k{}", i % 50), payload.clone()))
+            })
+        })?;
+    }
+    let sink = KafkaSink::connect(options(bootstrap)).await?;
+    let start = Instant::now();
+    let relay = Relay::builder(&store)
+        .batch_size(batch)
+        .sink(sink)
+        .start()?;
+    relay
+        .wait_delivered(n as u64, Duration::from_secs(300))
+        .await?;
+    let took = start.elapsed();
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(took)
+}
+
+/// Records commit-to-ack latency of every acknowledged entry.
+struct Timed {
+    inner: KafkaSink,
+    latencies: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Sink for Timed {
+    fn name(&self) -> &str {
+        "kafka-timed"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let outcomes = self.inner.publish(batch).await;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            let mut l = self.latencies.lock();
+            for (e, o) in batch.iter().zip(&outcomes) {
+                if matches!(o, Outcome::Acked { .. }) {
+                    l.push(now.saturating_sub(e.created_at_micros));
+                }
+            }
+            outcomes
+        })
+    }
+}
+
+async fn latency_run(
+    bootstrap: &str,
+    topic: &str,
+    linger_ms: &str,
+    rate: u64,
+    secs: u64,
+) -> BenchResult<(usize, f64, f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Sync)
+        .open(dir.path())?;
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let sink = Timed {
+        inner: KafkaSink::connect(options(bootstrap).set("linger.ms", linger_ms)).await?,
+        latencies: latencies.clone(),
+    };
+    let relay = Relay::builder(&store).sink(sink).start()?;
+    // Steady state: the first publish (restart scan, metadata, leader
+    // lookup) is not part of the measurement.
+    store.write(|tx| tx.emit(Event::bytes(topic, "warm-up", vec![0u8; PAYLOAD])))?;
+    relay.wait_delivered(1, Duration::from_secs(30)).await?;
+    latencies.lock().clear();
+    let s = store.clone();
+    let total = rate * secs;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let start = Instant::now();
+        let payload = vec![7u8; PAYLOAD];
+        for i in 0..total {
+            let due = start + Duration::from_micros(i * 1_000_000 / rate);
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+            s.write(|tx| {
+                tx.emit(Event::bytes(
+                    topic.as_str(),
+                    format!("k{}", i % 50),
+                    payload.clone(),
+                ))
+            })
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .await??;
+    relay
+        .wait_delivered(total + 1, Duration::from_secs(60))
+        .await?;
+    relay.shutdown(Shutdown::Now).await?;
+    let mut l = std::mem::take(&mut *latencies.lock());
+    l.sort_unstable();
+    let pct = |p: f64| {
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    Ok((l.len(), pct(0.5), pct(0.99), pct(1.0)))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> BenchResult {
+    // `cargo test --benches` runs bench binaries without `--bench`: keep that quick.
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
+    let n = if quick { 2_000 } else { 50_000 };
+    let broker = KafkaBroker::start(&[])?;
+    let bootstrap = broker.bootstrap.as_str();
+
+    println!("| run | events | seconds | events/s | vs raw |");
+    println!("|---|---:|---:|---:|---:|");
+    // Warm the broker up (JIT, log segments) before anything is measured.
+    create_topic(bootstrap, "bench.warmup", PARTITIONS, &[]).await?;
+    raw(bootstrap, "bench.warmup", n).await?;
+    create_topic(bootstrap, "bench.raw", PARTITIONS, &[]).await?;
+    let raw_time = raw(bootstrap, "bench.raw", n).await?;
+    let raw_rate = n as f64 / raw_time.as_secs_f64();
+    println!(
+        "| raw rdkafka, idempotent, 10000 in flight | {n} | {:.3} | {raw_rate:.0} | 1.00 |",
+        raw_time.as_secs_f64()
+    );
+    for batch in [100usize, 500, 1000, 5000] {
+        let topic = format!("bench.relay{batch}");
+        create_topic(bootstrap, &topic, PARTITIONS, &[]).await?;
+        let t = relay_run(bootstrap, &topic, n, batch).await?;
+        let rate = n as f64 / t.as_secs_f64();
+        println!(
+            "| outboxkv relay, batch {batch} | {n} | {:.3} | {rate:.0} | {:.2} |",
+            t.as_secs_f64(),
+            rate / raw_rate
+        );
+    }
+    let secs = if quick { 1 } else { 5 };
+    println!();
+    for linger in ["1", "5"] {
+        let topic = format!("bench.latency{linger}");
+        create_topic(bootstrap, &topic, PARTITIONS, &[]).await?;
+        let (count, p50, p99, max) = latency_run(bootstrap, &topic, linger, 5_000, secs).await?;
+        println!(
+            "commit-to-ack at 5,000 events/s for {secs} s (Sync commits, linger.ms={linger}): {count} events, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        );
+    }
+    Ok(())
+}

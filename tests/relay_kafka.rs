@@ -1,0 +1,425 @@
+//! The relay against a real Apache Kafka broker (KRaft, started through
+//! scripts/kafka.sh): per-key order by partition offsets, the restart scan
+//! against duplicates, a broker outage, and oversized records.
+
+mod common;
+#[path = "common/kafka.rs"]
+mod kafka;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::KafkaBroker;
+use kafka::create_topic;
+use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
+use outboxkv::sink::kafka::{KafkaOptions, KafkaSink};
+use outboxkv::{Durability, Event, OutboxEntry, Store};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+type BoxError = Box<dyn std::error::Error>;
+
+/// One record as a consumer sees it.
+#[derive(Debug, Clone)]
+struct Record {
+    partition: i32,
+    offset: i64,
+    key: String,
+    headers: HashMap<String, String>,
+}
+
+impl Record {
+    fn id(&self) -> &str {
+        self.headers.get("ce_id").map(String::as_str).unwrap_or("")
+    }
+    fn seq(&self) -> u64 {
+        self.headers
+            .get("outboxkv_seq")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Reads every partition of `topic` from the beginning until `expected`
+/// records arrived and no more came for a moment (or `timeout`).
+fn read_topic(broker: &KafkaBroker, topic: &str, expected: usize) -> Result<Vec<Record>, BoxError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "outboxkv-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let t = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or("topic not in metadata")?;
+    let mut tpl = TopicPartitionList::new();
+    for p in t.partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(m) => {
+                let m = m?;
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for h in h.iter() {
+                        let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                        headers.insert(h.key.to_string(), v.unwrap_or_default());
+                    }
+                }
+                records.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    headers,
+                });
+                quiet_since = Instant::now();
+            }
+            None => {
+                // A little past the expected count, so extra records show up.
+                if records.len() >= expected && quiet_since.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+        }
+    }
+    records.sort_by_key(|r| (r.partition, r.offset));
+    Ok(records)
+}
+
+/// Kafka's Java client partitioner: murmur2 of the key bytes, positive,
+/// modulo the partition count.
+fn java_partition(key: &[u8], partitions: u32) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ key.len() as u32;
+    let chunks = key.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    if tail.len() >= 3 {
+        h ^= (tail[2] as u32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions) as i32
+}
+
+fn options(broker: &KafkaBroker) -> KafkaOptions {
+    KafkaOptions::new(broker.bootstrap.clone())
+        .delivery_timeout(Duration::from_secs(20))
+        .set("linger.ms", "5")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_from_four_threads_arrive_once_in_key_order() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    create_topic(&broker.bootstrap, "orders.changed", 4, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    let relay = Relay::builder(&store)
+        .sink(KafkaSink::connect(options(&broker)).await?)
+        .start()?;
+
+    // seq -> key, as committed.
+    let s = store.clone();
+    let committed: BTreeMap<u64, String> = tokio::task::spawn_blocking(move || {
+        let writers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let store = s.clone();
+                std::thread::spawn(move || -> outboxkv::Result<Vec<(u64, String)>> {
+                    let mut mine = Vec::new();
+                    for i in 0..2500u64 {
+                        let key = format!("order-{}", (t * 2500 + i) % 50);
+                        let c = store.write(|tx| {
+                            tx.emit(Event::json(
+                                "orders.changed",
+                                key.clone(),
+                                &serde_json::json!({"t": t, "i": i}),
+                            )?)
+                        })?;
+                        mine.push((c.seqs.start, key));
+                    }
+                    Ok(mine)
+                })
+            })
+            .collect();
+        let mut all = BTreeMap::new();
+        for w in writers {
+            let mine = w.join().map_err(|_| "writer panicked".to_string())?;
+            all.extend(mine.map_err(|e| e.to_string())?);
+        }
+        Ok::<_, String>(all)
+    })
+    .await??;
+    assert_eq!(committed.len(), 10_000);
+    relay
+        .wait_delivered(10_000, Duration::from_secs(120))
+        .await?;
+    assert_eq!(relay.metrics().duplicates.get(), 0);
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+        .await?;
+
+    let records = read_topic(&broker, "orders.changed", 10_000)?;
+    assert_eq!(records.len(), 10_000, "record count");
+    let ids: HashSet<&str> = records.iter().map(Record::id).collect();
+    assert_eq!(ids.len(), 10_000, "distinct ce_id");
+    // Every record is the entry it claims to be, in the partition Java's
+    // partitioner picks for its key, and each key's records are in seq order
+    // by offset.
+    let mut last: HashMap<&str, (i32, i64, u64)> = HashMap::new();
+    for r in &records {
+        let seq = r.seq();
+        assert_eq!(committed.get(&seq), Some(&r.key), "seq {seq} key");
+        assert_eq!(r.headers.get("ce_subject"), Some(&r.key));
+        assert_eq!(
+            r.headers.get("ce_type").map(String::as_str),
+            Some("orders.changed")
+        );
+        assert_eq!(
+            r.headers.get("ce_specversion").map(String::as_str),
+            Some("1.0")
+        );
+        assert_eq!(
+            r.headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
+        assert!(r.id().ends_with(&format!("-{seq}")), "{} vs {seq}", r.id());
+        assert_eq!(
+            r.partition,
+            java_partition(r.key.as_bytes(), 4),
+            "key {}",
+            r.key
+        );
+        if let Some((p, offset, prev)) = last.insert(&r.key, (r.partition, r.offset, seq)) {
+            assert_eq!(p, r.partition, "key {} moved partitions", r.key);
+            assert!(
+                prev < seq && offset < r.offset,
+                "key {}: seq {seq} at offset {} after seq {prev} at {offset}",
+                r.key,
+                r.offset
+            );
+        }
+    }
+    assert_eq!(last.len(), 50);
+    Ok(())
+}
+
+/// Publishes through the real sink, then never returns: the relay is
+/// "killed" after the broker has the batch but before it records its cursor.
+struct PublishThenHang {
+    inner: KafkaSink,
+    published: Arc<AtomicUsize>,
+}
+
+impl Sink for PublishThenHang {
+    fn name(&self) -> &str {
+        "kafka-then-hang"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let outcomes = self.inner.publish(batch).await;
+            let acked = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Acked { .. }))
+                .count();
+            self.published.fetch_add(acked, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            outcomes
+        })
+    }
+}
+
+/// A relay publishes the first 150 of 300 entries, then dies before it
+/// records its cursor. With the restart scan (the default) the next relay
+/// skips what is already in Kafka: a consumer sees every event once. Without
+/// it, the consumer sees the 150 again, with the same ce_id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_the_cursor_is_recorded_skips_what_kafka_has() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    for (topic, restart_dedup) in [("with.scan", true), ("without.scan", false)] {
+        create_topic(&broker.bootstrap, topic, 3, &[]).await?;
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        store.write(|tx| {
+            (0..300).try_for_each(|i| {
+                tx.emit(Event::bytes(topic, format!("k{}", i % 7), vec![i as u8]))
+            })
+        })?;
+
+        let published = Arc::new(AtomicUsize::new(0));
+        let first = Relay::builder(&store)
+            .batch_size(150)
+            .sink(PublishThenHang {
+                inner: KafkaSink::connect(options(&broker)).await?,
+                published: published.clone(),
+            })
+            .start()?;
+        for _ in 0..400 {
+            if published.load(Ordering::SeqCst) == 150 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            published.load(Ordering::SeqCst),
+            150,
+            "{topic}: first relay"
+        );
+        first.shutdown(Shutdown::Now).await?;
+        assert_eq!(store.outbox().depth(), 300, "{topic}: nothing recorded");
+
+        let second = Relay::builder(&store)
+            .sink(KafkaSink::connect(options(&broker).restart_dedup(restart_dedup)).await?)
+            .start()?;
+        second.wait_delivered(300, Duration::from_secs(60)).await?;
+        let duplicates_reported = second.metrics().duplicates.get();
+        second
+            .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+            .await?;
+
+        let records = read_topic(&broker, topic, 300)?;
+        let ids: HashSet<&str> = records.iter().map(Record::id).collect();
+        assert_eq!(ids.len(), 300, "{topic}: every event arrived");
+        if restart_dedup {
+            assert_eq!(records.len(), 300, "{topic}: each exactly once");
+            assert_eq!(duplicates_reported, 150, "{topic}: skipped as duplicates");
+        } else {
+            assert_eq!(records.len(), 450, "{topic}: the first 150 twice");
+            assert_eq!(duplicates_reported, 0);
+        }
+        // Per key, the first occurrence of each event is in seq order.
+        let mut seen = HashSet::new();
+        let mut last: HashMap<&str, u64> = HashMap::new();
+        for r in &records {
+            if !seen.insert(r.id()) {
+                continue;
+            }
+            if let Some(prev) = last.insert(&r.key, r.seq()) {
+                assert!(prev < r.seq(), "{topic}: key {} out of order", r.key);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_nothing() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    create_topic(&broker.bootstrap, "stock.moved", 2, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    let relay = Relay::builder(&store)
+        .sink(KafkaSink::connect(options(&broker)).await?)
+        .start()?;
+
+    let s = store.clone();
+    let writer = tokio::task::spawn_blocking(move || -> outboxkv::Result<()> {
+        for i in 0..2000u64 {
+            s.write(|tx| {
+                tx.emit(Event::bytes(
+                    "stock.moved",
+                    format!("sku-{}", i % 13),
+                    i.to_be_bytes().to_vec(),
+                ))
+            })?;
+            std::thread::sleep(Duration::from_micros(2500));
+        }
+        Ok(())
+    });
+    // Let some flow, stop the broker for a while, start it again.
+    relay.wait_delivered(300, Duration::from_secs(30)).await?;
+    let b = tokio::task::spawn_blocking(move || -> Result<KafkaBroker, String> {
+        broker.stop().map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(3));
+        broker.restart().map_err(|e| e.to_string())?;
+        Ok(broker)
+    });
+    let broker = b.await??;
+    writer.await??;
+    relay.wait_delivered(2000, Duration::from_secs(120)).await?;
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+        .await?;
+
+    let records = read_topic(&broker, "stock.moved", 2000)?;
+    let ids: HashSet<&str> = records.iter().map(Record::id).collect();
+    assert_eq!(ids.len(), 2000, "every event arrived");
+    let seqs: HashSet<u64> = records.iter().map(Record::seq).collect();
+    assert_eq!(seqs, (1..=2000).collect::<HashSet<u64>>());
+    assert_eq!(records.len(), 2000, "no duplicates");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_max_message_bytes_is_dead_lettered_with_the_broker_error() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    create_topic(
+        &broker.bootstrap,
+        "docs.saved",
+        1,
+        &[("max.message.bytes", "2000")],
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| {
+        tx.emit(Event::bytes("docs.saved", "d", vec![1; 100]))?;
+        tx.emit(Event::bytes("docs.saved", "d", vec![2; 10_000]))?;
+        tx.emit(Event::bytes("docs.saved", "d", vec![3; 100]))
+    })?;
+    let relay = Relay::builder(&store)
+        .sink(KafkaSink::connect(options(&broker)).await?)
+        .start()?;
+    relay.wait_delivered(3, Duration::from_secs(60)).await?;
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+        .await?;
+
+    let dead = store.outbox().dead_letters().list(0, 10)?;
+    let dead_seqs: Vec<u64> = dead.iter().map(|d| d.entry.seq).collect();
+    assert_eq!(
+        dead_seqs,
+        vec![2],
+        "only the oversized entry is dead-lettered"
+    );
+    assert_eq!(dead[0].entry.payload.len(), 10_000);
+    assert!(
+        dead[0].error.to_lowercase().contains("too large"),
+        "broker error kept: {}",
+        dead[0].error
+    );
+    let records = read_topic(&broker, "docs.saved", 2)?;
+    let seqs: Vec<u64> = records.iter().map(Record::seq).collect();
+    assert_eq!(seqs, vec![1, 3]);
+    Ok(())
+}
