@@ -19,17 +19,15 @@
 mod common;
 #[path = "../tests/common/kafka.rs"]
 mod kafka;
+#[path = "../tests/common/sinks.rs"]
+mod sinks;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::KafkaBroker;
 use kafka::create_topic;
-use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::sink::kafka::{KafkaOptions, KafkaSink};
-use outboxkv::{Durability, Event, OutboxEntry, Store};
-use parking_lot::Mutex;
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -79,125 +77,6 @@ async fn wait(d: rdkafka::producer::DeliveryFuture) -> BenchResult {
     Ok(())
 }
 
-fn options(bootstrap: &str) -> KafkaOptions {
-    KafkaOptions::new(bootstrap)
-}
-
-async fn relay_run(bootstrap: &str, topic: &str, n: usize, batch: usize) -> BenchResult<Duration> {
-    let dir = tempfile::tempdir()?;
-    let store = Store::options()
-        .durability(Durability::Buffered)
-        .open(dir.path())?;
-    let payload = vec![7u8; PAYLOAD];
-    for chunk in 0..n.div_ceil(1000) {
-        store.write(|tx| {
-            (0..1000.min(n - chunk * 1000)).try_for_each(|i| {
-                tx.emit(Event::bytes(topic, format!("k{}", i % 50), payload.clone()))
-            })
-        })?;
-    }
-    let sink = KafkaSink::connect(options(bootstrap)).await?;
-    let start = Instant::now();
-    let relay = Relay::builder(&store)
-        .batch_size(batch)
-        .sink(sink)
-        .start()?;
-    relay
-        .wait_delivered(n as u64, Duration::from_secs(300))
-        .await?;
-    let took = start.elapsed();
-    relay.shutdown(Shutdown::Now).await?;
-    Ok(took)
-}
-
-/// Records commit-to-ack latency of every acknowledged entry.
-struct Timed {
-    inner: KafkaSink,
-    latencies: Arc<Mutex<Vec<u64>>>,
-}
-
-impl Sink for Timed {
-    fn name(&self) -> &str {
-        "kafka-timed"
-    }
-    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let outcomes = self.inner.publish(batch).await;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0);
-            let mut l = self.latencies.lock();
-            for (e, o) in batch.iter().zip(&outcomes) {
-                if matches!(o, Outcome::Acked { .. }) {
-                    l.push(now.saturating_sub(e.created_at_micros));
-                }
-            }
-            outcomes
-        })
-    }
-}
-
-async fn latency_run(
-    bootstrap: &str,
-    topic: &str,
-    linger_ms: &str,
-    rate: u64,
-    secs: u64,
-) -> BenchResult<(usize, f64, f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let store = Store::options()
-        .durability(Durability::Sync)
-        .open(dir.path())?;
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let sink = Timed {
-        inner: KafkaSink::connect(options(bootstrap).set("linger.ms", linger_ms)).await?,
-        latencies: latencies.clone(),
-    };
-    let relay = Relay::builder(&store).sink(sink).start()?;
-    // Steady state: the first publish (restart scan, metadata, leader
-    // lookup) is not part of the measurement.
-    store.write(|tx| tx.emit(Event::bytes(topic, "warm-up", vec![0u8; PAYLOAD])))?;
-    relay.wait_delivered(1, Duration::from_secs(30)).await?;
-    latencies.lock().clear();
-    let s = store.clone();
-    let total = rate * secs;
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let start = Instant::now();
-        let payload = vec![7u8; PAYLOAD];
-        for i in 0..total {
-            let due = start + Duration::from_micros(i * 1_000_000 / rate);
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-            s.write(|tx| {
-                tx.emit(Event::bytes(
-                    topic.as_str(),
-                    format!("k{}", i % 50),
-                    payload.clone(),
-                ))
-            })
-            .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    })
-    .await??;
-    relay
-        .wait_delivered(total + 1, Duration::from_secs(60))
-        .await?;
-    relay.shutdown(Shutdown::Now).await?;
-    let mut l = std::mem::take(&mut *latencies.lock());
-    l.sort_unstable();
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    Ok((l.len(), pct(0.5), pct(0.99), pct(1.0)))
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> BenchResult {
     // `cargo test --benches` runs bench binaries without `--bench`: keep that quick.
@@ -222,7 +101,9 @@ async fn main() -> BenchResult {
     for batch in [100usize, 500, 1000, 5000] {
         let topic = format!("bench.relay{batch}");
         create_topic(bootstrap, &topic, PARTITIONS, &[]).await?;
-        let t = relay_run(bootstrap, &topic, n, batch).await?;
+        let (_dir, store) = sinks::filled_store(&topic, n, PAYLOAD)?;
+        let sink = KafkaSink::connect(KafkaOptions::new(bootstrap)).await?;
+        let t = sinks::drain_time(&store, sink, batch).await?;
         let rate = n as f64 / t.as_secs_f64();
         println!(
             "| outboxkv relay, batch {batch} | {n} | {:.3} | {rate:.0} | {:.2} |",
@@ -235,7 +116,9 @@ async fn main() -> BenchResult {
     for linger in ["1", "5"] {
         let topic = format!("bench.latency{linger}");
         create_topic(bootstrap, &topic, PARTITIONS, &[]).await?;
-        let (count, p50, p99, max) = latency_run(bootstrap, &topic, linger, 5_000, secs).await?;
+        let sink =
+            KafkaSink::connect(KafkaOptions::new(bootstrap).set("linger.ms", linger)).await?;
+        let (count, p50, p99, max) = sinks::latency_run(sink, &topic, PAYLOAD, 5_000, secs).await?;
         println!(
             "commit-to-ack at 5,000 events/s for {secs} s (Sync commits, linger.ms={linger}): {count} events, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
         );

@@ -7,23 +7,22 @@
 //! - Throughput: N events already committed, then shipped by the relay with
 //!   batches of 1, 100 and 1000; the raw publisher sends the same 300-byte
 //!   payloads with a Nats-Msg-Id, 1000 acks in flight, every ack awaited.
-//! - Latency: commits at a steady 5,000 events/s (Sync durability) for a few
-//!   seconds; commit-to-ack time of every event (p50, p99, max).
+//! - Latency: after one warm-up event, commits at a steady 5,000 events/s
+//!   (Sync durability) for a few seconds; commit-to-ack time of every event
+//!   (p50, p99, max).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/sinks.rs"]
+mod sinks;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use common::NatsServer;
-use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::sink::nats::{NatsOptions, NatsSink, StreamSetup};
-use outboxkv::{Durability, Event, OutboxEntry, Store};
-use parking_lot::Mutex;
 
 const STREAM: &str = "BENCH";
 const PAYLOAD: usize = 300;
@@ -81,111 +80,6 @@ async fn ack_await(
     Ok(ack.await?)
 }
 
-async fn relay_run(url: &str, n: usize, batch: usize) -> BenchResult<Duration> {
-    let dir = tempfile::tempdir()?;
-    let store = Store::options()
-        .durability(Durability::Buffered)
-        .open(dir.path())?;
-    let payload = vec![7u8; PAYLOAD];
-    for chunk in 0..n.div_ceil(1000) {
-        store.write(|tx| {
-            (0..1000.min(n - chunk * 1000)).try_for_each(|i| {
-                tx.emit(Event::bytes(
-                    "orders.changed",
-                    format!("k{}", i % 50),
-                    payload.clone(),
-                ))
-            })
-        })?;
-    }
-    let sink = NatsSink::connect(options(url)).await?;
-    let start = Instant::now();
-    let relay = Relay::builder(&store)
-        .batch_size(batch)
-        .sink(sink)
-        .start()?;
-    relay
-        .wait_delivered(n as u64, Duration::from_secs(300))
-        .await?;
-    let took = start.elapsed();
-    relay.shutdown(Shutdown::Now).await?;
-    Ok(took)
-}
-
-/// Records commit-to-ack latency of every acknowledged entry.
-struct Timed {
-    inner: NatsSink,
-    latencies: Arc<Mutex<Vec<u64>>>,
-}
-
-impl Sink for Timed {
-    fn name(&self) -> &str {
-        "nats-timed"
-    }
-    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let outcomes = self.inner.publish(batch).await;
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0);
-            let mut l = self.latencies.lock();
-            for (e, o) in batch.iter().zip(&outcomes) {
-                if matches!(o, Outcome::Acked { .. }) {
-                    l.push(now.saturating_sub(e.created_at_micros));
-                }
-            }
-            outcomes
-        })
-    }
-}
-
-async fn latency_run(url: &str, rate: u64, secs: u64) -> BenchResult<(usize, f64, f64, f64)> {
-    let dir = tempfile::tempdir()?;
-    let store = Store::options()
-        .durability(Durability::Sync)
-        .open(dir.path())?;
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let sink = Timed {
-        inner: NatsSink::connect(options(url)).await?,
-        latencies: latencies.clone(),
-    };
-    let relay = Relay::builder(&store).sink(sink).start()?;
-    let s = store.clone();
-    let total = rate * secs;
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let start = Instant::now();
-        let payload = vec![7u8; PAYLOAD];
-        for i in 0..total {
-            let due = start + Duration::from_micros(i * 1_000_000 / rate);
-            while Instant::now() < due {
-                std::hint::spin_loop();
-            }
-            s.write(|tx| {
-                tx.emit(Event::bytes(
-                    "orders.changed",
-                    format!("k{}", i % 50),
-                    payload.clone(),
-                ))
-            })
-            .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    })
-    .await??;
-    relay.wait_delivered(total, Duration::from_secs(60)).await?;
-    relay.shutdown(Shutdown::Now).await?;
-    let mut l = std::mem::take(&mut *latencies.lock());
-    l.sort_unstable();
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    Ok((l.len(), pct(0.5), pct(0.99), pct(1.0)))
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> BenchResult {
     // `cargo test --benches` runs bench binaries without `--bench`: keep that quick.
@@ -207,7 +101,9 @@ async fn main() -> BenchResult {
     );
     for batch in [1usize, 100, 1000] {
         reset_stream(&js).await?;
-        let t = relay_run(&server.url, n, batch).await?;
+        let (_dir, store) = sinks::filled_store("orders.changed", n, PAYLOAD)?;
+        let sink = NatsSink::connect(options(&server.url)).await?;
+        let t = sinks::drain_time(&store, sink, batch).await?;
         let rate = n as f64 / t.as_secs_f64();
         println!(
             "| outboxkv relay, batch {batch} | {n} | {:.3} | {rate:.0} | {:.2} |",
@@ -217,7 +113,9 @@ async fn main() -> BenchResult {
     }
     reset_stream(&js).await?;
     let secs = if quick { 1 } else { 5 };
-    let (count, p50, p99, max) = latency_run(&server.url, 5_000, secs).await?;
+    let sink = NatsSink::connect(options(&server.url)).await?;
+    let (count, p50, p99, max) =
+        sinks::latency_run(sink, "orders.changed", PAYLOAD, 5_000, secs).await?;
     println!();
     println!(
         "commit-to-ack at 5,000 events/s for {secs} s (Sync commits): {count} events, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"

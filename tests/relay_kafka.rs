@@ -5,21 +5,24 @@
 mod common;
 #[path = "common/kafka.rs"]
 mod kafka;
+#[path = "common/sinks.rs"]
+mod sinks;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use common::KafkaBroker;
 use kafka::create_topic;
-use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
+use outboxkv::relay::{Relay, Shutdown};
 use outboxkv::sink::kafka::{KafkaOptions, KafkaSink};
-use outboxkv::{Durability, Event, OutboxEntry, Store};
+use outboxkv::{Durability, Event, Store};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sinks::{PublishThenHang, wait_published};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 type BoxError = Box<dyn std::error::Error>;
@@ -232,31 +235,6 @@ async fn ten_thousand_events_from_four_threads_arrive_once_in_key_order() -> Tes
     Ok(())
 }
 
-/// Publishes through the real sink, then never returns: the relay is
-/// "killed" after the broker has the batch but before it records its cursor.
-struct PublishThenHang {
-    inner: KafkaSink,
-    published: Arc<AtomicUsize>,
-}
-
-impl Sink for PublishThenHang {
-    fn name(&self) -> &str {
-        "kafka-then-hang"
-    }
-    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let outcomes = self.inner.publish(batch).await;
-            let acked = outcomes
-                .iter()
-                .filter(|o| matches!(o, Outcome::Acked { .. }))
-                .count();
-            self.published.fetch_add(acked, Ordering::SeqCst);
-            std::future::pending::<()>().await;
-            outcomes
-        })
-    }
-}
-
 /// A relay publishes the first 150 of 300 entries, then dies before it
 /// records its cursor. With the restart scan (the default) the next relay
 /// skips what is already in Kafka: a consumer sees every event once. Without
@@ -282,14 +260,8 @@ async fn a_restart_before_the_cursor_is_recorded_skips_what_kafka_has() -> TestR
                 published: published.clone(),
             })
             .start()?;
-        for _ in 0..400 {
-            if published.load(Ordering::SeqCst) == 150 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
         assert_eq!(
-            published.load(Ordering::SeqCst),
+            wait_published(&published, 150).await,
             150,
             "{topic}: first relay"
         );

@@ -3,6 +3,8 @@
 //! a server outage, and oversized messages.
 
 mod common;
+#[path = "common/sinks.rs"]
+mod sinks;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use common::NatsServer;
 use outboxkv::relay::{Backoff, BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::sink::nats::{NatsOptions, NatsSink, StreamSetup};
 use outboxkv::{Durability, Event, OutboxEntry, Store};
+use sinks::{PublishThenHang, wait_published};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -128,31 +131,6 @@ async fn ten_thousand_events_arrive_once_in_key_order() -> TestResult {
     Ok(())
 }
 
-/// Publishes through the real sink, then never returns: the relay is
-/// "killed" after the broker has the batch but before it records its cursor.
-struct PublishThenHang {
-    inner: NatsSink,
-    published: Arc<AtomicUsize>,
-}
-
-impl Sink for PublishThenHang {
-    fn name(&self) -> &str {
-        "nats-then-hang"
-    }
-    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let outcomes = self.inner.publish(batch).await;
-            let acked = outcomes
-                .iter()
-                .filter(|o| matches!(o, Outcome::Acked { .. }))
-                .count();
-            self.published.fetch_add(acked, Ordering::SeqCst);
-            std::future::pending::<()>().await;
-            outcomes
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_before_the_cursor_is_recorded_is_deduplicated_by_jetstream() -> TestResult {
     let server = NatsServer::start(&[])?;
@@ -175,14 +153,8 @@ async fn a_restart_before_the_cursor_is_recorded_is_deduplicated_by_jetstream() 
             published: published.clone(),
         })
         .start()?;
-    for _ in 0..200 {
-        if published.load(Ordering::SeqCst) == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     assert_eq!(
-        published.load(Ordering::SeqCst),
+        wait_published(&published, 200).await,
         200,
         "the first relay published everything"
     );
