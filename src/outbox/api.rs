@@ -55,6 +55,10 @@ impl Store {
 }
 
 impl Outbox {
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The last committed seq (0 when nothing was ever committed).
     pub fn head(&self) -> u64 {
         self.store.inner.notifier.head()
@@ -85,51 +89,18 @@ impl Outbox {
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>> {
         let inner = &self.store.inner;
-        let head = self.head();
-        let from = from.max(self.tail());
-        if from > head || max_entries == 0 {
-            return Ok(Vec::new());
-        }
-        let cf = inner.cf(CF_OUTBOX)?;
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
-        // Bounded by the head read above: entries a concurrent commit is
-        // writing right now are left for the next read.
-        ro.set_iterate_upper_bound((head + 1).to_be_bytes().to_vec());
-        let mut it = inner.db.raw_iterator_cf_opt(cf, ro);
-        it.seek_to_first();
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        let mut expected = from;
-        while let Some((key, value)) = it.item() {
-            let seq = decode_seq(key)?;
-            let entry = decode_entry(value)
-                .map_err(|e| Error::corruption(format!("outbox seq {seq}"), e.0))?;
-            if entry.seq != seq {
-                return Err(Error::corruption(
-                    format!("outbox seq {seq}"),
-                    format!("entry says it is seq {}", entry.seq),
-                ));
-            }
-            if seq != expected {
-                // Pruning may have raced ahead of `from`; anything else is a hole.
-                if expected >= self.tail() {
-                    return Err(Error::corruption(
-                        format!("outbox seq {expected}"),
-                        format!("missing: the next entry present is seq {seq}"),
-                    ));
-                }
-            }
-            expected = seq + 1;
-            bytes = bytes.saturating_add(entry.size_hint());
-            out.push(entry);
-            if out.len() >= max_entries || bytes >= max_bytes {
-                break;
-            }
-            it.next();
-        }
-        it.status().map_err(storage("read outbox"))?;
-        Ok(out)
+        read_entries(
+            &inner.db,
+            inner.cf(CF_OUTBOX)?,
+            Window {
+                from,
+                tail: self.tail(),
+                head: self.head(),
+            },
+            max_entries,
+            max_bytes,
+            || self.tail(),
+        )
     }
 
     /// The entry with this seq, if it is still in the outbox.
@@ -263,29 +234,13 @@ impl DeadLetters {
     /// Up to `limit` dead letters with original seq `>= from`, in seq order.
     pub fn list(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
         let inner = &self.store.inner;
-        let cf = inner.cf(CF_DEAD)?;
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
-        let mut it = inner.db.raw_iterator_cf_opt(cf, ro);
-        it.seek_to_first();
-        let mut out = Vec::new();
-        while let Some((key, value)) = it.item() {
-            if out.len() >= limit {
-                break;
-            }
-            let seq = decode_seq(key)?;
-            let d = decode_dead_letter(value)
-                .map_err(|e| Error::corruption(format!("dead letter seq {seq}"), e.0))?;
-            out.push(d);
-            it.next();
-        }
-        it.status().map_err(storage("read dead letters"))?;
-        Ok(out)
+        list_dead(&inner.db, inner.cf(CF_DEAD)?, from, limit)
     }
 
     /// Number of dead letters.
     pub fn count(&self) -> Result<u64> {
-        Ok(self.list(0, usize::MAX)?.len() as u64)
+        let inner = &self.store.inner;
+        count_keys(&inner.db, inner.cf(CF_DEAD)?)
     }
 
     /// Appends the dead letters with these (original) seqs to the outbox again,
@@ -333,4 +288,105 @@ impl DeadLetters {
             .write_opt(batch, inner.write_options(inner.opts.durability))
             .map_err(storage("purge dead letters"))
     }
+}
+
+/// The seqs a read may return: `from` (raised to `tail`) through `head`.
+pub(crate) struct Window {
+    pub(crate) from: u64,
+    pub(crate) tail: u64,
+    pub(crate) head: u64,
+}
+
+/// Reads up to `max_entries` (and about `max_bytes`) committed entries of
+/// `window` from the outbox column family `cf` of `db`, checking that seqs
+/// are contiguous. `tail_now` re-reads the tail: pruning may race a read.
+pub(crate) fn read_entries(
+    db: &rocksdb::DB,
+    cf: &rocksdb::ColumnFamily,
+    window: Window,
+    max_entries: usize,
+    max_bytes: usize,
+    tail_now: impl Fn() -> u64,
+) -> Result<Vec<OutboxEntry>> {
+    let Window { from, tail, head } = window;
+    let from = from.max(tail);
+    if from > head || max_entries == 0 {
+        return Ok(Vec::new());
+    }
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
+    // Bounded by the head read before: entries a concurrent commit is
+    // writing right now are left for the next read.
+    ro.set_iterate_upper_bound((head + 1).to_be_bytes().to_vec());
+    let mut it = db.raw_iterator_cf_opt(cf, ro);
+    it.seek_to_first();
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut expected = from;
+    while let Some((key, value)) = it.item() {
+        let seq = decode_seq(key)?;
+        let entry =
+            decode_entry(value).map_err(|e| Error::corruption(format!("outbox seq {seq}"), e.0))?;
+        if entry.seq != seq {
+            return Err(Error::corruption(
+                format!("outbox seq {seq}"),
+                format!("entry says it is seq {}", entry.seq),
+            ));
+        }
+        // Pruning may have raced ahead of `from`; anything else is a hole.
+        if seq != expected && expected >= tail_now() {
+            return Err(Error::corruption(
+                format!("outbox seq {expected}"),
+                format!("missing: the next entry present is seq {seq}"),
+            ));
+        }
+        expected = seq + 1;
+        bytes = bytes.saturating_add(entry.size_hint());
+        out.push(entry);
+        if out.len() >= max_entries || bytes >= max_bytes {
+            break;
+        }
+        it.next();
+    }
+    it.status().map_err(storage("read outbox"))?;
+    Ok(out)
+}
+
+/// Up to `limit` dead letters with seq `>= from` from the column family `cf`.
+pub(crate) fn list_dead(
+    db: &rocksdb::DB,
+    cf: &rocksdb::ColumnFamily,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<DeadLetter>> {
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
+    let mut it = db.raw_iterator_cf_opt(cf, ro);
+    it.seek_to_first();
+    let mut out = Vec::new();
+    while let Some((key, value)) = it.item() {
+        if out.len() >= limit {
+            break;
+        }
+        let seq = decode_seq(key)?;
+        let d = decode_dead_letter(value)
+            .map_err(|e| Error::corruption(format!("dead letter seq {seq}"), e.0))?;
+        out.push(d);
+        it.next();
+    }
+    it.status().map_err(storage("read dead letters"))?;
+    Ok(out)
+}
+
+/// Number of keys in the column family `cf` (values are not decoded).
+pub(crate) fn count_keys(db: &rocksdb::DB, cf: &rocksdb::ColumnFamily) -> Result<u64> {
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek_to_first();
+    let mut n = 0u64;
+    while it.valid() {
+        n += 1;
+        it.next();
+    }
+    it.status().map_err(storage("count"))?;
+    Ok(n)
 }

@@ -2,6 +2,7 @@
 //!
 //! The entry codec ([`entry`]) and [`event`] builder compile without RocksDB.
 
+pub mod cursor;
 pub mod dead;
 pub mod entry;
 pub mod event;
@@ -9,7 +10,9 @@ pub mod event;
 pub(crate) mod notify;
 
 #[cfg(feature = "rocksdb")]
-mod api;
+pub(crate) mod api;
+#[cfg(feature = "rocksdb")]
+pub mod handoff;
 
 #[cfg(feature = "rocksdb")]
 pub use api::{DeadLetters, Outbox};

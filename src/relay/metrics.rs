@@ -41,6 +41,9 @@ pub struct RelayMetrics {
     pub dead_lettered: Counter,
     /// Acknowledgements in which the broker reported a duplicate.
     pub duplicates: Counter,
+    /// 1 while the sink accepts entries, 0 after a round that could not
+    /// deliver (broker unreachable, timeouts), until one succeeds.
+    pub sink_up: Gauge,
 }
 
 impl Default for RelayMetrics {
@@ -55,6 +58,7 @@ impl Default for RelayMetrics {
             failed: Counter::default(),
             dead_lettered: Counter::default(),
             duplicates: Counter::default(),
+            sink_up: Gauge::default(),
         }
     }
 }
@@ -104,6 +108,11 @@ impl RelayMetrics {
             "duplicates",
             "Acknowledgements reporting a duplicate",
             self.duplicates.clone(),
+        );
+        r.register(
+            "sink_up",
+            "1 while the sink accepts entries, 0 while delivery fails",
+            self.sink_up.clone(),
         );
     }
 

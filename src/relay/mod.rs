@@ -28,6 +28,7 @@
 
 mod backoff;
 mod metrics;
+pub mod sidecar;
 mod sink;
 
 pub use backoff::Backoff;
@@ -41,9 +42,58 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::outbox::Outbox;
 use crate::outbox::dead::DeadLetter;
+use crate::outbox::entry::OutboxEntry;
 use crate::store::Store;
 use backoff::Jitter;
+
+/// Where a relay reads committed outbox entries and records what it settled.
+///
+/// [`Outbox`] is the source of a relay inside the service;
+/// [`SidecarSource`](sidecar::SidecarSource) the source of a relay in
+/// another process. The contract:
+///
+/// - `tail()..=head()` are the committed entries not settled yet; `read`
+///   returns them from `from` in seq order, contiguous, committed only.
+/// - `settle(through, dead)` records durably that every seq up to `through`
+///   is delivered, except `dead`, which were dead-lettered; afterwards
+///   `tail()` is above `through`.
+/// - `changed(head)` resolves once `head()` may have moved past `head` (a
+///   spurious wake-up is allowed; the relay looks again).
+pub trait OutboxSource: Send + Sync + 'static {
+    /// First seq not settled yet.
+    fn tail(&self) -> Result<u64>;
+    /// Last committed seq.
+    fn head(&self) -> Result<u64>;
+    /// Up to `max_entries` entries (about `max_bytes`) from `from` on.
+    fn read(&self, from: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<OutboxEntry>>;
+    /// Records that everything through `through` is settled.
+    fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()>;
+    /// Resolves when the head may have moved beyond `head`.
+    fn changed(&self, head: u64) -> BoxFuture<'static, ()>;
+}
+
+impl OutboxSource for Outbox {
+    fn tail(&self) -> Result<u64> {
+        Ok(Outbox::tail(self))
+    }
+    fn head(&self) -> Result<u64> {
+        Ok(Outbox::head(self))
+    }
+    fn read(&self, from: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
+        self.read_limited(from, max_entries, max_bytes)
+    }
+    fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()> {
+        self.complete_through(through, dead).map(|_| ())
+    }
+    fn changed(&self, head: u64) -> BoxFuture<'static, ()> {
+        let changed = Outbox::changed(self, head);
+        Box::pin(async move {
+            changed.await;
+        })
+    }
+}
 
 /// How to stop a relay; see [`Relay::shutdown`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +116,7 @@ enum Mode {
 /// Builder for a [`Relay`]; get one from [`Relay::builder`].
 #[must_use]
 pub struct RelayBuilder {
-    store: Store,
+    source: Arc<dyn OutboxSource>,
     sink: Option<Arc<dyn Sink>>,
     batch_size: usize,
     batch_bytes: usize,
@@ -143,11 +193,11 @@ impl RelayBuilder {
             .sink
             .ok_or_else(|| Error::InvalidArgument("a relay needs a sink: call .sink(..)".into()))?;
         let (stop_tx, stop_rx) = watch::channel(Mode::Running);
-        let tail = self.store.outbox().tail();
+        let tail = self.source.tail()?;
         let (delivered_tx, delivered_rx) = watch::channel(tail.saturating_sub(1));
         let (done_tx, done_rx) = oneshot::channel();
         let worker = Worker {
-            store: self.store,
+            source: self.source,
             sink,
             batch_size: self.batch_size,
             batch_bytes: self.batch_bytes,
@@ -221,8 +271,14 @@ pub struct Relay {
 impl Relay {
     /// A builder for a relay shipping `store`'s outbox.
     pub fn builder(store: &Store) -> RelayBuilder {
+        Relay::builder_for(store.outbox())
+    }
+
+    /// A builder for a relay shipping from any [`OutboxSource`] (e.g. a
+    /// [`SidecarSource`](sidecar::SidecarSource)).
+    pub fn builder_for(source: impl OutboxSource) -> RelayBuilder {
         RelayBuilder {
-            store: store.clone(),
+            source: Arc::new(source),
             sink: None,
             batch_size: 500,
             batch_bytes: 4 << 20,
@@ -261,6 +317,13 @@ impl Relay {
                 self.delivered()
             ))),
         }
+    }
+
+    /// Resolves when the relay has stopped on its own (on an error: call
+    /// [`shutdown`](Relay::shutdown) to get it). Never resolves while it runs.
+    pub async fn stopped(&self) {
+        let mut rx = self.delivered.clone();
+        while rx.changed().await.is_ok() {}
     }
 
     /// Stops the relay and waits for it; returns the error it stopped on, if any.
@@ -308,7 +371,7 @@ fn now_micros() -> u64 {
 }
 
 struct Worker {
-    store: Store,
+    source: Arc<dyn OutboxSource>,
     sink: Arc<dyn Sink>,
     batch_size: usize,
     batch_bytes: usize,
@@ -324,7 +387,7 @@ type Attempts = HashMap<u64, (u32, u64)>;
 
 impl Worker {
     async fn run(self, mut stop: watch::Receiver<Mode>) -> Result<()> {
-        let outbox = self.store.outbox();
+        let outbox = self.source.clone();
         let mut attempts: Attempts = HashMap::new();
         let mut failed_rounds = 0u32;
         let mut jitter = Jitter::new();
@@ -337,7 +400,7 @@ impl Worker {
             if mode == Mode::Now {
                 return Ok(());
             }
-            let (tail, head) = (outbox.tail(), outbox.head());
+            let (tail, head) = (outbox.tail()?, outbox.head()?);
             self.metrics
                 .depth
                 .set((head + 1).saturating_sub(tail) as i64);
@@ -363,7 +426,7 @@ impl Worker {
                     _ = stop.changed() => {}
                 }
             }
-            let batch = outbox.read_limited(tail, self.batch_size, self.batch_bytes)?;
+            let batch = outbox.read(tail, self.batch_size, self.batch_bytes)?;
             let Some(oldest) = batch.first() else {
                 continue;
             };
@@ -378,12 +441,13 @@ impl Worker {
             };
             let settled = self.settle(&batch, outcomes, &mut attempts);
             if settled.through >= tail {
-                outbox.complete_through(settled.through, &settled.dead)?;
+                outbox.settle(settled.through, &settled.dead)?;
                 attempts.retain(|&seq, _| seq > settled.through);
                 self.metrics.delivered_seq.set(settled.through as i64);
                 self.delivered.send_replace(settled.through);
             }
             if settled.blocked {
+                self.metrics.sink_up.set(0);
                 failed_rounds = failed_rounds.saturating_add(1);
                 let delay = self.backoff.delay(failed_rounds, jitter.next_unit());
                 tracing::warn!(
@@ -398,6 +462,7 @@ impl Worker {
                     _ = must_stop(&mut stop) => return Ok(()),
                 }
             } else {
+                self.metrics.sink_up.set(1);
                 failed_rounds = 0;
             }
         }

@@ -16,6 +16,8 @@ pub(crate) mod open;
 #[cfg(feature = "rocksdb")]
 mod read;
 #[cfg(feature = "rocksdb")]
+pub(crate) mod reader;
+#[cfg(feature = "rocksdb")]
 mod tx;
 
 #[cfg(feature = "rocksdb")]
@@ -24,5 +26,7 @@ pub use open::Store;
 pub(crate) use open::{CF_DEAD, CF_META, CF_OUTBOX};
 #[cfg(feature = "rocksdb")]
 pub use read::{Range, Snapshot};
+#[cfg(feature = "rocksdb")]
+pub use reader::StoreReader;
 #[cfg(feature = "rocksdb")]
 pub use tx::{Batch, Committed, WriteTx};

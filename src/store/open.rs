@@ -55,7 +55,7 @@ pub(crate) const CF_DEAD: &str = "dead_letters";
 pub(crate) const META_STORE_ID: &[u8] = b"store_id";
 pub(crate) const META_PRUNED_THROUGH: &[u8] = b"outbox.pruned_through";
 const LOCK_FILE: &str = "LOCK";
-const DB_DIR: &str = "db";
+pub(crate) const DB_DIR: &str = "db";
 
 /// An open outboxkv store: typed tables plus an outbox, in one RocksDB
 /// database.
@@ -204,7 +204,7 @@ fn not_a_store(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-fn read_meta(path: &Path) -> Result<Option<StoreMeta>> {
+pub(crate) fn read_meta(path: &Path) -> Result<Option<StoreMeta>> {
     let file = path.join(META_FILE);
     let bytes = match fs::read(&file) {
         Ok(b) => b,
@@ -226,16 +226,25 @@ fn read_meta(path: &Path) -> Result<Option<StoreMeta>> {
 }
 
 fn write_meta(path: &Path, meta: &StoreMeta) -> Result<()> {
-    let tmp = path.join(format!("{META_FILE}.tmp"));
-    let file = path.join(META_FILE);
+    write_file_atomic(&path.join(META_FILE), &meta.encode())
+}
+
+/// Replaces `file` with `bytes` so that a reader (or a crash) sees the old
+/// or the new content, never a mix: a temporary file written and fsynced,
+/// renamed over `file`, then the directory fsynced.
+pub(crate) fn write_file_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = file.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
     let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    f.write_all(&meta.encode())
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io("write", &tmp, e))?;
-    fs::rename(&tmp, &file).map_err(|e| Error::io("rename", &file, e))?;
-    File::open(path)
+    fs::rename(&tmp, file).map_err(|e| Error::io("rename", file, e))?;
+    File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("sync directory", path, e))
+        .map_err(|e| Error::io("sync directory", dir, e))
 }
 
 fn is_empty_dir(path: &Path) -> Result<bool> {
@@ -250,7 +259,7 @@ fn is_empty_dir(path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-fn lock(path: &Path) -> Result<File> {
+pub(crate) fn lock(path: &Path) -> Result<File> {
     let lock_path = path.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
@@ -378,9 +387,13 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
         replay_lock: Mutex::new(()),
         _lock: lock_file,
     };
-    Ok(Store {
+    let store = Store {
         inner: Arc::new(inner),
-    })
+    };
+    if let Some(every) = store.inner.opts.relay_cursor_poll {
+        crate::outbox::handoff::watch_relay_cursor(&store, every)?;
+    }
+    Ok(store)
 }
 
 struct Recovered {

@@ -56,6 +56,7 @@ pub struct StoreOptions {
     pub(crate) max_event_size: usize,
     pub(crate) max_conflict_retries: u32,
     pub(crate) block_cache_bytes: usize,
+    pub(crate) relay_cursor_poll: Option<std::time::Duration>,
 }
 
 impl Default for StoreOptions {
@@ -69,6 +70,7 @@ impl Default for StoreOptions {
             max_event_size: DEFAULT_MAX_EVENT_SIZE,
             max_conflict_retries: DEFAULT_MAX_CONFLICT_RETRIES,
             block_cache_bytes: 32 << 20,
+            relay_cursor_poll: Some(std::time::Duration::from_millis(100)),
         }
     }
 }
@@ -130,6 +132,16 @@ impl StoreOptions {
     /// Size of RocksDB's block cache. Default: 32 MiB.
     pub fn block_cache_bytes(mut self, bytes: usize) -> Self {
         self.block_cache_bytes = bytes;
+        self
+    }
+
+    /// How often the store looks for a sidecar relay's cursor file
+    /// (`<store>/relay/cursor`, written by `outbox-relay run`) and prunes what
+    /// it delivered; `None` turns that off (call
+    /// [`Outbox::apply_relay_cursor`](crate::Outbox::apply_relay_cursor)
+    /// yourself). A look is one `stat` of that file. Default: every 100 ms.
+    pub fn relay_cursor_poll(mut self, every: Option<std::time::Duration>) -> Self {
+        self.relay_cursor_poll = every;
         self
     }
 }

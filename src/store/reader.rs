@@ -1,0 +1,222 @@
+//! A read-only view of a store that another process has open: the outbox,
+//! the dead letters and the identity, through a RocksDB secondary instance.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use rocksdb::DB;
+
+use super::meta::StoreMeta;
+use super::open::{
+    CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, META_PRUNED_THROUGH, decode_seq, read_meta,
+    storage,
+};
+use crate::error::{Error, Result};
+use crate::outbox::dead::DeadLetter;
+use crate::outbox::entry::{OutboxEntry, StoreId};
+
+/// A read-only, catch-up view of a store, safe to use while the owning
+/// service has the store open (a RocksDB secondary instance).
+///
+/// It sees what the primary had written when it was opened or last caught
+/// up ([`catch_up`](StoreReader::catch_up)); it never writes to the store's
+/// files. Its own small state (RocksDB's info log) goes to a folder of the
+/// caller's choosing.
+///
+/// ```
+/// use outboxkv::{Event, Store};
+/// use outboxkv::store::StoreReader;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path().join("s"))?;
+/// store.write(|tx| tx.emit(Event::bytes("t", "k", b"x".to_vec())))?;
+///
+/// let scratch = tempfile::tempdir()?;
+/// let reader = StoreReader::open(dir.path().join("s"), scratch.path())?;
+/// assert_eq!(reader.head()?, 1);
+/// store.write(|tx| tx.emit(Event::bytes("t", "k", b"y".to_vec())))?;
+/// reader.catch_up()?;
+/// assert_eq!(reader.read(1, 10)?.len(), 2);
+/// # Ok(()) }
+/// ```
+pub struct StoreReader {
+    db: DB,
+    path: PathBuf,
+    meta: StoreMeta,
+}
+
+impl std::fmt::Debug for StoreReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreReader")
+            .field("path", &self.path)
+            .field("store_id", &self.meta.store_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreReader {
+    /// Opens the store at `path` read-only. `scratch` is a folder for the
+    /// secondary instance's own files (created if missing).
+    ///
+    /// Fails with [`Error::NotAStore`] (a missing path, a folder that is not
+    /// a store) or [`Error::UnsupportedFormat`] before touching anything.
+    pub fn open(path: impl AsRef<Path>, scratch: impl AsRef<Path>) -> Result<StoreReader> {
+        let path = path.as_ref();
+        let scratch = scratch.as_ref();
+        let meta = check_store(path)?;
+        fs::create_dir_all(scratch).map_err(|e| Error::io("create directory", scratch, e))?;
+        let mut opts = rocksdb::Options::default();
+        // Keep every file open: a secondary must not lose files the primary
+        // deletes while it reads them.
+        opts.set_max_open_files(-1);
+        let db = DB::open_cf_as_secondary(
+            &opts,
+            &path.join(DB_DIR),
+            &scratch.to_path_buf(),
+            [CF_TABLES, CF_OUTBOX, CF_META, CF_DEAD],
+        )
+        .map_err(storage("open database as secondary"))?;
+        Ok(StoreReader {
+            db,
+            path: path.to_path_buf(),
+            meta,
+        })
+    }
+
+    /// Catches up with what the owning process has written since.
+    pub fn catch_up(&self) -> Result<()> {
+        self.db
+            .try_catch_up_with_primary()
+            .map_err(storage("catch up with primary"))
+    }
+
+    /// The store's identity.
+    pub fn id(&self) -> StoreId {
+        self.meta.store_id
+    }
+
+    /// The store's on-disk format version.
+    pub fn format_version(&self) -> u32 {
+        self.meta.format_version
+    }
+
+    /// The store's folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or_else(|| {
+            Error::corruption(
+                self.path.display().to_string(),
+                format!("column family {name} missing"),
+            )
+        })
+    }
+
+    fn pruned_through(&self) -> Result<u64> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, META_PRUNED_THROUGH)
+            .map_err(storage("read outbox state"))?
+        {
+            Some(v) => decode_seq(&v),
+            None => Ok(0),
+        }
+    }
+
+    /// The last committed seq (0 when nothing was ever committed).
+    pub fn head(&self) -> Result<u64> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_OUTBOX)?);
+        it.seek_to_last();
+        let last = match it.key() {
+            Some(k) => decode_seq(k)?,
+            None => 0,
+        };
+        it.status().map_err(storage("scan outbox"))?;
+        Ok(last.max(self.pruned_through()?))
+    }
+
+    /// The first seq not yet pruned by the owning store.
+    pub fn tail(&self) -> Result<u64> {
+        let pruned = self.pruned_through()?;
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_OUTBOX)?);
+        it.seek((pruned + 1).to_be_bytes());
+        let first = match it.key() {
+            Some(k) => decode_seq(k)?,
+            None => self.head()? + 1,
+        };
+        it.status().map_err(storage("scan outbox"))?;
+        Ok(first.max(pruned + 1))
+    }
+
+    /// Up to `max_entries` entries from seq `from` on.
+    pub fn read(&self, from: u64, max_entries: usize) -> Result<Vec<OutboxEntry>> {
+        self.read_limited(from, max_entries, usize::MAX)
+    }
+
+    /// Like [`read`](StoreReader::read), stopping after about `max_bytes`.
+    pub fn read_limited(
+        &self,
+        from: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        let tail = self.tail()?;
+        crate::outbox::api::read_entries(
+            &self.db,
+            self.cf(CF_OUTBOX)?,
+            crate::outbox::api::Window {
+                from,
+                tail,
+                head: self.head()?,
+            },
+            max_entries,
+            max_bytes,
+            || tail,
+        )
+    }
+
+    /// Up to `limit` dead letters with seq `>= from`.
+    pub fn dead_letters(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
+        crate::outbox::api::list_dead(&self.db, self.cf(CF_DEAD)?, from, limit)
+    }
+
+    /// Number of dead letters.
+    pub fn dead_letter_count(&self) -> Result<u64> {
+        crate::outbox::api::count_keys(&self.db, self.cf(CF_DEAD)?)
+    }
+}
+
+/// Checks, reading only, that `path` is an outboxkv store of a format this
+/// build reads, with a database in it.
+pub(crate) fn check_store(path: &Path) -> Result<StoreMeta> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::NotAStore {
+                path: path.to_path_buf(),
+                reason: "it is not a directory".into(),
+            });
+        }
+        Err(_) => {
+            return Err(Error::NotAStore {
+                path: path.to_path_buf(),
+                reason: "it does not exist".into(),
+            });
+        }
+    }
+    let meta = read_meta(path)?.ok_or_else(|| Error::NotAStore {
+        path: path.to_path_buf(),
+        reason: "it has no OUTBOXKV file".into(),
+    })?;
+    let db_path = path.join(DB_DIR);
+    // A secondary on a missing primary can hang (facebook/rocksdb#7031).
+    if !db_path.join("CURRENT").is_file() {
+        return Err(Error::corruption(
+            db_path.display().to_string(),
+            "the database has no CURRENT file",
+        ));
+    }
+    Ok(meta)
+}
