@@ -73,6 +73,8 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+#[cfg(feature = "config")]
+pub mod config;
 pub mod error;
 pub mod outbox;
 #[cfg(feature = "relay")]
@@ -86,7 +88,7 @@ pub use outbox::dead::DeadLetter;
 pub use outbox::entry::{EventId, OutboxEntry, StoreId};
 pub use outbox::event::Event;
 pub use store::key::{Key, KeyPrefix, KeyRange};
-pub use store::options::{Durability, StoreOptions};
+pub use store::options::{Durability, StoreOptions, WalRecovery};
 pub use store::table::Table;
 
 #[cfg(feature = "rocksdb")]

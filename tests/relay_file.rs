@@ -339,3 +339,26 @@ fn draining_right_after_start_ships_everything() -> TestResult {
     assert_eq!(std::fs::read_to_string(&path)?.lines().count(), 100);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_is_cut_when_the_file_sink_opens() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(&path, "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"da")?;
+    let store = store(&dir)?;
+    store.write(|tx| tx.emit(Event::bytes("t", "k", b"x".to_vec())))?;
+    let relay = Relay::builder(&store)
+        .sink(FileSink::open(&path)?)
+        .start()?;
+    relay.wait_delivered(1, Duration::from_secs(10)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    let text = std::fs::read_to_string(&path)?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[1]["id"], "b");
+    assert_eq!(lines[2]["outboxseq"], 1);
+    Ok(())
+}

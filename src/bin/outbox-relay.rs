@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use outboxkv::config::RelayConfig;
 use outboxkv::outbox::handoff::{cursor_path, read_cursor};
 use outboxkv::relay::sidecar::SidecarSource;
 use outboxkv::relay::{Relay, RelayBuilder, RelayMetrics, Shutdown, Sink};
 use outboxkv::sink::cloudevents;
 use outboxkv::store::StoreReader;
 use outboxkv::{DeadLetter, OutboxEntry, Store};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -172,26 +172,6 @@ struct RunArgs {
     drain: bool,
 }
 
-/// The TOML file: the same settings as the flags.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    db: Option<PathBuf>,
-    sink: Option<String>,
-    file: Option<PathBuf>,
-    nats_url: Option<String>,
-    nats_subject: Option<String>,
-    nats_stream: Option<String>,
-    nats_prefix: Option<String>,
-    kafka_brokers: Option<String>,
-    kafka_topic: Option<String>,
-    batch_size: Option<usize>,
-    catch_up_ms: Option<u64>,
-    metrics_addr: Option<String>,
-    max_lag_secs: Option<u64>,
-    drain_timeout_secs: Option<u64>,
-}
-
 /// A failure: the message and the exit code.
 struct Fail(String, u8);
 
@@ -279,25 +259,13 @@ enum SinkChoice {
 }
 
 fn load_config(args: RunArgs) -> Result<RunConfig, Fail> {
-    let file: FileConfig = match &args.config {
-        None => FileConfig::default(),
+    let file: RelayConfig = match &args.config {
+        None => RelayConfig::default(),
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| bad(format!("config file {}: {e}", path.display())))?;
-            toml::from_str(&text).map_err(|e| {
-                // Name the line (and so the setting) the error is on.
-                let at = e.span().map(|span| {
-                    let line = text[..span.start.min(text.len())].matches('\n').count();
-                    let content = text.lines().nth(line).unwrap_or("").trim();
-                    format!(" line {} (`{content}`)", line + 1)
-                });
-                bad(format!(
-                    "config file {}{}: {}",
-                    path.display(),
-                    at.unwrap_or_default(),
-                    e.message()
-                ))
-            })?
+            RelayConfig::from_toml(&text)
+                .map_err(|e| bad(format!("config file {} {e}", path.display())))?
         }
     };
     let db = args.db.or(file.db).ok_or_else(|| {

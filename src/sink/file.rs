@@ -1,7 +1,7 @@
 //! JSON Lines sinks: a file (fsynced per batch) and stdout.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,6 +11,38 @@ use super::cloudevents;
 use crate::error::{Error, Result};
 use crate::outbox::entry::OutboxEntry;
 use crate::relay::{BoxFuture, Outcome, Sink};
+
+/// Truncates `file` after its last newline (a crash can leave part of a line).
+fn cut_torn_line(file: &mut File) -> std::io::Result<()> {
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                tracing::warn!(
+                    bytes = len - keep,
+                    "cutting a torn last line off the sink file"
+                );
+                file.set_len(keep)?;
+                file.sync_data()?;
+            }
+            return Ok(());
+        }
+        end = start;
+    }
+    if len > 0 {
+        tracing::warn!(bytes = len, "cutting a torn line off the sink file");
+        file.set_len(0)?;
+        file.sync_data()?;
+    }
+    Ok(())
+}
 
 fn render(batch: &[OutboxEntry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.iter().map(|e| e.size_hint() + 256).sum());
@@ -38,7 +70,9 @@ fn same_for_all(n: usize, result: std::result::Result<(), String>) -> Vec<Outcom
 /// Appends one CloudEvents JSON object per line to a file and fsyncs it
 /// before acknowledging the batch. Lines are only ever appended; after a
 /// crash between the fsync and the relay's cursor write a batch can appear
-/// twice (at least once), with the same `id`s.
+/// twice (at least once), with the same `id`s. A batch whose write fails is
+/// cut off again, and opening the file cuts off a torn last line (a write a
+/// crash interrupted, never acknowledged), so every line is whole.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -54,14 +88,17 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Opens (creating if needed) `path` for appending.
+    /// Opens (creating if needed) `path` for appending; a torn last line
+    /// (no final newline) is removed first.
     pub fn open(path: impl AsRef<Path>) -> Result<FileSink> {
         let path = path.as_ref().to_path_buf();
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io("open sink file", &path, e))?;
+        cut_torn_line(&mut file).map_err(|e| Error::io("repair sink file", &path, e))?;
         Ok(FileSink {
             path,
             file: Arc::new(Mutex::new(file)),
@@ -86,8 +123,13 @@ impl Sink for FileSink {
         Box::pin(async move {
             let written = tokio::task::spawn_blocking(move || {
                 let mut f = file.lock();
-                f.write_all(&bytes)?;
-                f.sync_data()
+                let before = f.metadata()?.len();
+                let result = f.write_all(&bytes).and_then(|()| f.sync_data());
+                if result.is_err() {
+                    // Leave no partial batch behind for the next append.
+                    let _ = f.set_len(before);
+                }
+                result
             })
             .await;
             let result = match written {

@@ -137,6 +137,8 @@ impl State {
 
 pub(crate) struct Pipeline {
     state: Mutex<State>,
+    /// Signalled when `visible_version` advances or the store is poisoned.
+    visible: Condvar,
     /// First seq still in the outbox (advanced by pruning).
     pub(crate) first_seq: AtomicU64,
 }
@@ -168,7 +170,20 @@ impl Pipeline {
                 scratch: Vec::new(),
                 spare: Vec::new(),
             }),
+            visible: Condvar::new(),
             first_seq: AtomicU64::new(first_seq),
+        }
+    }
+
+    /// Waits until every commit ordered so far is visible to readers (or the
+    /// store is poisoned). A transaction that conflicted calls this before it
+    /// retries: its new snapshot then includes the write it conflicted with,
+    /// instead of conflicting again, in a loop, until that group is fsynced.
+    pub(crate) fn wait_visible(&self) {
+        let mut st = self.state.lock();
+        let target = st.version;
+        while st.visible_version < target && st.poisoned.is_none() {
+            self.visible.wait(&mut st);
         }
     }
 
@@ -194,6 +209,7 @@ impl Pipeline {
     /// pipeline (pruning).
     pub(crate) fn poison(&self, cause: String) {
         self.state.lock().poisoned.get_or_insert(cause);
+        self.visible.notify_all();
     }
 
     pub(crate) fn commit(&self, inner: &Inner, req: Request<'_>) -> Result<Assigned> {
@@ -338,11 +354,13 @@ impl Pipeline {
             let outcome = match outcome {
                 Ok(version) => {
                     st.visible_version = st.visible_version.max(version);
+                    self.visible.notify_all();
                     Ok(())
                 }
                 Err(cause) => {
                     tracing::error!(%cause, "outboxkv commit failed; store is poisoned");
                     st.poisoned.get_or_insert(cause.clone());
+                    self.visible.notify_all();
                     Err(cause)
                 }
             };

@@ -43,7 +43,7 @@ use rocksdb::{
 
 use super::commit::Pipeline;
 use super::meta::{FORMAT_VERSION, META_FILE, MetaError, StoreMeta};
-use super::options::{Durability, StoreOptions};
+use super::options::{Durability, StoreOptions, WalRecovery};
 use crate::error::{Error, Result};
 use crate::outbox::entry::StoreId;
 use crate::outbox::notify::Notifier;
@@ -134,10 +134,18 @@ impl Inner {
     }
 }
 
+/// Maps a RocksDB error: damaged data is [`Error::Corruption`], anything
+/// else [`Error::Storage`].
 pub(crate) fn storage(op: &'static str) -> impl FnOnce(rocksdb::Error) -> Error {
-    move |e| Error::Storage {
-        op,
-        source: Box::new(e),
+    move |e| match e.kind() {
+        rocksdb::ErrorKind::Corruption => Error::Corruption {
+            location: format!("database ({op})"),
+            reason: e.into_string(),
+        },
+        _ => Error::Storage {
+            op,
+            source: Box::new(e),
+        },
     }
 }
 
@@ -281,7 +289,11 @@ fn rocksdb_options(opts: &StoreOptions) -> (rocksdb::Options, Vec<ColumnFamilyDe
     let mut db = rocksdb::Options::default();
     db.create_if_missing(true);
     db.create_missing_column_families(true);
-    db.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
+    db.set_wal_recovery_mode(match opts.wal_recovery {
+        WalRecovery::PointInTime => DBRecoveryMode::PointInTime,
+        WalRecovery::AbsoluteConsistency => DBRecoveryMode::AbsoluteConsistency,
+        _ => DBRecoveryMode::TolerateCorruptedTailRecords,
+    });
     db.set_max_background_jobs(2);
     db.set_keep_log_file_num(3);
     db.set_max_log_file_size(4 << 20);

@@ -22,6 +22,31 @@ pub enum Durability {
     Buffered,
 }
 
+/// What opening a store does when its write-ahead log is damaged.
+///
+/// ```
+/// use outboxkv::{Store, WalRecovery};
+/// # let dir = tempfile::tempdir()?;
+/// // Salvage a store whose log was damaged in the middle (loses what follows).
+/// let store = Store::options().wal_recovery(WalRecovery::PointInTime).open(dir.path())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WalRecovery {
+    /// An incomplete last record (a write a crash interrupted, so never
+    /// acknowledged) is dropped; damage anywhere else fails the open with
+    /// [`Error::Corruption`](crate::Error::Corruption), so acknowledged
+    /// commits are never dropped silently. The default.
+    #[default]
+    TolerateTornTail,
+    /// Recovers up to the first damaged record and drops everything after
+    /// it, without an error: for salvaging a store that the default refuses.
+    PointInTime,
+    /// Any damage, even a torn last record, fails the open.
+    AbsoluteConsistency,
+}
+
 /// Default for [`StoreOptions::max_key_size`]: 16 KiB.
 pub const DEFAULT_MAX_KEY_SIZE: usize = 16 << 10;
 /// Default for [`StoreOptions::max_value_size`]: 16 MiB.
@@ -57,6 +82,7 @@ pub struct StoreOptions {
     pub(crate) max_conflict_retries: u32,
     pub(crate) block_cache_bytes: usize,
     pub(crate) relay_cursor_poll: Option<std::time::Duration>,
+    pub(crate) wal_recovery: WalRecovery,
 }
 
 impl Default for StoreOptions {
@@ -71,6 +97,7 @@ impl Default for StoreOptions {
             max_conflict_retries: DEFAULT_MAX_CONFLICT_RETRIES,
             block_cache_bytes: 32 << 20,
             relay_cursor_poll: Some(std::time::Duration::from_millis(100)),
+            wal_recovery: WalRecovery::default(),
         }
     }
 }
@@ -142,6 +169,13 @@ impl StoreOptions {
     /// yourself). A look is one `stat` of that file. Default: every 100 ms.
     pub fn relay_cursor_poll(mut self, every: Option<std::time::Duration>) -> Self {
         self.relay_cursor_poll = every;
+        self
+    }
+
+    /// What to do with a damaged write-ahead log at open. Default:
+    /// [`WalRecovery::TolerateTornTail`].
+    pub fn wal_recovery(mut self, mode: WalRecovery) -> Self {
+        self.wal_recovery = mode;
         self
     }
 }

@@ -492,7 +492,8 @@ impl Store {
                 Ok(c) => return Ok(c.map(value)),
                 Err(Error::Conflict { .. }) if attempt < self.inner.opts.max_conflict_retries => {
                     attempt += 1;
-                    std::thread::yield_now();
+                    // Retry on a snapshot that includes the conflicting write.
+                    self.inner.pipeline.wait_visible();
                 }
                 Err(e) => return Err(e),
             }
