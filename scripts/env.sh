@@ -9,8 +9,9 @@ mkdir -p "$CARGO_TARGET_DIR"
 # apt packages: libclang for RocksDB's bindgen, a C++ toolchain for RocksDB,
 # cmake for bundled C libraries, util-linux for `flock` (used by a lock test),
 # nats-server for the JetStream tests, OpenSSL, zlib and curl headers for the
-# bundled librdkafka, Java and Maven to fetch and run Apache Kafka.
-OUTBOXKV_APT_PACKAGES=(libclang-dev clang build-essential cmake pkg-config util-linux nats-server libssl-dev zlib1g-dev libcurl4-openssl-dev default-jre-headless maven)
+# bundled librdkafka, Java and Maven to fetch and run Apache Kafka,
+# PostgreSQL for the side-by-side benchmark.
+OUTBOXKV_APT_PACKAGES=(libclang-dev clang build-essential cmake pkg-config util-linux nats-server libssl-dev zlib1g-dev libcurl4-openssl-dev default-jre-headless maven postgresql)
 
 outboxkv_install_apt() {
     local missing=()

@@ -297,6 +297,12 @@ fn rocksdb_options(opts: &StoreOptions) -> (rocksdb::Options, Vec<ColumnFamilyDe
     db.set_max_background_jobs(2);
     db.set_keep_log_file_num(3);
     db.set_max_log_file_size(4 << 20);
+    // A WAL file is deleted only when every column family has flushed what
+    // it holds, and `meta` / `dead_letters` are written rarely: without a cap
+    // the WAL grew toward RocksDB's default limit (4 x all write buffers,
+    // ~2 GiB here) before the quiet families were flushed. Measured: 400 MiB
+    // on disk after 3 s of 1 KiB commits, against 31 MiB for raw RocksDB.
+    db.set_max_total_wal_size(128 << 20);
 
     let cache = Cache::new_lru_cache(opts.block_cache_bytes);
     let mut table_opts = BlockBasedOptions::default();
