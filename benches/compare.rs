@@ -435,17 +435,6 @@ struct E2eRow {
     max_ms: f64,
 }
 
-fn percentiles(mut l: Vec<u64>) -> (usize, f64, f64, f64) {
-    l.sort_unstable();
-    let pct = |p: f64| {
-        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    (l.len(), pct(0.5), pct(0.99), pct(1.0))
-}
-
 fn nats_options(url: &str, stream: &str) -> NatsOptions {
     NatsOptions::new(url)
         .prefix(stream.to_lowercase())
@@ -596,7 +585,8 @@ fn e2e(pg: &str, rate: u64, secs: u64) -> AnyResult<Vec<E2eRow>> {
         (false, "PostgreSQL, 100 ms polling relay"),
         (true, "PostgreSQL, LISTEN/NOTIFY relay"),
     ] {
-        let (n, p50, p99, max) = percentiles(pg_relay_run(pg, &server.url, listen, rate, secs)?);
+        let (n, p50, p99, max) =
+            sinks::percentiles(pg_relay_run(pg, &server.url, listen, rate, secs)?);
         rows.push(E2eRow {
             system: name,
             events: n,

@@ -2,6 +2,8 @@
 //! damaged relay cursor. Each gives a clear error or is recovered as
 //! `WalRecovery` documents; acknowledged commits are never dropped silently.
 
+mod common;
+
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -14,15 +16,7 @@ const DOCS: Table<u64, Vec<u8>> = Table::new("docs");
 
 /// Doc `i`: 1 KiB that does not compress, so the SSTs hold real data blocks.
 fn doc(i: u64) -> Vec<u8> {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..1024)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::incompressible(i, 1024)
 }
 
 /// Commits `n` transactions: doc i (a 1 KiB value) and one event for it.

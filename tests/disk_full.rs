@@ -3,6 +3,8 @@
 //! commit and nothing else. Needs root or passwordless sudo to mount the
 //! tmpfs, and fails (not skips) without it.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -46,15 +48,7 @@ impl Drop for Tmpfs<'_> {
 }
 
 fn doc(i: u64) -> Vec<u8> {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..16 << 10)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::incompressible(i, 16 << 10)
 }
 
 fn commit(store: &Store, i: u64) -> outboxkv::Result<()> {

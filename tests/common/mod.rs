@@ -143,3 +143,17 @@ impl Drop for KafkaBroker {
         let _ = self.stop();
     }
 }
+
+/// `len` bytes that do not compress (xorshift from `seed`), so that tests
+/// writing them get real data blocks in RocksDB's files.
+pub fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
