@@ -7,6 +7,9 @@
 //! sink = "nats"
 //! nats_url = "nats://127.0.0.1:4222"
 //! batch_size = 1000
+//!
+//! [kafka_options]
+//! "security.protocol" = "SASL_SSL"
 //! ```
 //!
 //! Unknown keys and values of the wrong type are errors naming the line.
@@ -25,6 +28,8 @@ use serde::Deserialize;
 /// assert_eq!(c.batch_size, Some(10));
 /// let e = RelayConfig::from_toml("batch_size = \"many\"\n").unwrap_err();
 /// assert_eq!(e.line, Some(1));
+/// let k = RelayConfig::from_toml("[kafka_options]\n\"security.protocol\" = \"SSL\"\n").unwrap();
+/// assert_eq!(k.kafka_options.unwrap()["security.protocol"], "SSL");
 /// ```
 #[derive(Deserialize, Debug, Default, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -44,10 +49,22 @@ pub struct RelayConfig {
     pub nats_stream: Option<String>,
     /// NATS sink: subject prefix.
     pub nats_prefix: Option<String>,
+    /// NATS sink: credentials file.
+    pub nats_creds: Option<PathBuf>,
+    /// NATS sink: token.
+    pub nats_token: Option<String>,
+    /// NATS sink: user.
+    pub nats_user: Option<String>,
+    /// NATS sink: password.
+    pub nats_password: Option<String>,
+    /// NATS sink: root CA (PEM); requires TLS.
+    pub nats_ca: Option<PathBuf>,
     /// Kafka sink: bootstrap brokers.
     pub kafka_brokers: Option<String>,
     /// Kafka sink: topic template.
     pub kafka_topic: Option<String>,
+    /// Kafka sink: librdkafka settings (`"security.protocol" = "SASL_SSL"`, ...).
+    pub kafka_options: Option<std::collections::BTreeMap<String, String>>,
     /// Entries per batch.
     pub batch_size: Option<usize>,
     /// Sidecar catch-up interval, milliseconds.

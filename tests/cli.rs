@@ -308,6 +308,38 @@ async fn the_sidecar_ships_a_live_writers_events_once_to_nats() -> TestResult {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_authenticates_to_nats_with_a_token_from_the_environment() -> TestResult {
+    let server = NatsServer::start(&["--auth", "s3cret-token"])?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    drop(known_store(&path)?);
+    let o = relay_cmd(&[
+        "run",
+        "--drain",
+        "--db",
+        &path.to_string_lossy(),
+        "--sink",
+        "nats",
+        "--nats-url",
+        &server.url,
+        "--nats-stream",
+        "EVENTS",
+        "--metrics-addr",
+        "off",
+    ])
+    .env("OUTBOXKV_NATS_TOKEN", "s3cret-token")
+    .output()?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let client = async_nats::ConnectOptions::with_token("s3cret-token".into())
+        .connect(server.url.as_str())
+        .await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("EVENTS").await?;
+    assert_eq!(stream.info().await?.state.messages, 4);
+    Ok(())
+}
+
 /// A store with 4 entries (seqs 3..=6 after two were pruned) and two dead
 /// letters (seqs 1 and 2).
 fn known_store(path: &Path) -> Result<Store, Box<dyn std::error::Error>> {
@@ -660,6 +692,36 @@ fn bad_input_is_a_one_line_error_and_leaves_everything_unchanged() -> TestResult
     assert_refused(
         &["run", "--db", &good_s, "--sink", "carrier-pigeon"],
         "unknown sink",
+        root,
+    )?;
+    assert_refused(
+        &[
+            "run",
+            "--db",
+            &good_s,
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--kafka-option",
+            "acks",
+        ],
+        "expected KEY=VALUE",
+        root,
+    )?;
+    assert_refused(
+        &[
+            "run",
+            "--db",
+            &good_s,
+            "--sink",
+            "nats",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nats-user",
+            "me",
+        ],
+        "go together",
         root,
     )?;
     assert_refused(

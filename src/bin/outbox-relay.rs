@@ -146,12 +146,31 @@ struct RunArgs {
     /// NATS sink: the {prefix} of the subject template.
     #[arg(long, env = "OUTBOXKV_NATS_PREFIX")]
     nats_prefix: Option<String>,
+    /// NATS sink: credentials (.creds) file.
+    #[arg(long, env = "OUTBOXKV_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// NATS sink: token (prefer the environment variable for secrets).
+    #[arg(long, env = "OUTBOXKV_NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// NATS sink: user (with OUTBOXKV_NATS_PASSWORD).
+    #[arg(long, env = "OUTBOXKV_NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS sink: password for --nats-user.
+    #[arg(long, env = "OUTBOXKV_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS sink: trust this root CA (PEM) and require TLS.
+    #[arg(long, env = "OUTBOXKV_NATS_CA")]
+    nats_ca: Option<PathBuf>,
     /// Kafka sink: bootstrap brokers (host:port,...).
     #[arg(long, env = "OUTBOXKV_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
     /// Kafka sink: topic template ({type}, {key}).
     #[arg(long, env = "OUTBOXKV_KAFKA_TOPIC")]
     kafka_topic: Option<String>,
+    /// Kafka sink: a librdkafka setting, KEY=VALUE (repeatable): security.protocol,
+    /// sasl.*, ssl.*, compression.type, ... Added to `kafka_options` of the config file.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    kafka_options: Vec<String>,
     /// Most entries per published batch (default 500).
     #[arg(long, env = "OUTBOXKV_BATCH_SIZE")]
     batch_size: Option<usize>,
@@ -251,10 +270,15 @@ enum SinkChoice {
         subject: Option<String>,
         prefix: Option<String>,
         stream: Option<String>,
+        creds: Option<PathBuf>,
+        token: Option<String>,
+        user: Option<(String, String)>,
+        ca: Option<PathBuf>,
     },
     Kafka {
         brokers: String,
         topic: Option<String>,
+        options: std::collections::BTreeMap<String, String>,
     },
 }
 
@@ -290,6 +314,17 @@ fn load_config(args: RunArgs) -> Result<RunConfig, Fail> {
             subject: args.nats_subject.or(file.nats_subject),
             prefix: args.nats_prefix.or(file.nats_prefix),
             stream: args.nats_stream.or(file.nats_stream),
+            creds: args.nats_creds.or(file.nats_creds),
+            token: args.nats_token.or(file.nats_token),
+            user: match (
+                args.nats_user.or(file.nats_user),
+                args.nats_password.or(file.nats_password),
+            ) {
+                (Some(u), Some(p)) => Some((u, p)),
+                (None, None) => None,
+                _ => return Err(bad("nats_user and nats_password go together")),
+            },
+            ca: args.nats_ca.or(file.nats_ca),
         },
         "kafka" => SinkChoice::Kafka {
             brokers: args
@@ -297,6 +332,16 @@ fn load_config(args: RunArgs) -> Result<RunConfig, Fail> {
                 .or(file.kafka_brokers)
                 .ok_or_else(|| bad("the kafka sink needs --kafka-brokers HOST:PORT"))?,
             topic: args.kafka_topic.or(file.kafka_topic),
+            options: {
+                let mut o = file.kafka_options.unwrap_or_default();
+                for kv in &args.kafka_options {
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| bad(format!("--kafka-option {kv:?}: expected KEY=VALUE")))?;
+                    o.insert(k.trim().to_string(), v.to_string());
+                }
+                o
+            },
         },
         other => {
             return Err(bad(format!(
@@ -356,11 +401,27 @@ async fn connect_sink(choice: &SinkChoice) -> Result<Arc<dyn Sink>, Fail> {
             subject,
             prefix,
             stream,
+            creds,
+            token,
+            user,
+            ca,
         } => {
             use outboxkv::sink::nats::{NatsOptions, NatsSink, StreamSetup};
             let mut o = NatsOptions::new(url.clone());
             if let Some(s) = subject {
                 o = o.subject_template(s.clone());
+            }
+            if let Some(c) = creds {
+                o = o.credentials_file(c.clone());
+            }
+            if let Some(t) = token {
+                o = o.token(t.clone());
+            }
+            if let Some((u, p)) = user {
+                o = o.user_and_password(u.clone(), p.clone());
+            }
+            if let Some(ca) = ca {
+                o = o.root_ca(ca.clone());
             }
             let prefix = prefix.clone().unwrap_or_else(|| "events".into());
             o = o.prefix(prefix.clone());
@@ -374,9 +435,16 @@ async fn connect_sink(choice: &SinkChoice) -> Result<Arc<dyn Sink>, Fail> {
             Ok(Arc::new(NatsSink::connect(o).await?))
         }
         #[cfg(feature = "kafka")]
-        SinkChoice::Kafka { brokers, topic } => {
+        SinkChoice::Kafka {
+            brokers,
+            topic,
+            options,
+        } => {
             use outboxkv::sink::kafka::{KafkaOptions, KafkaSink};
             let mut o = KafkaOptions::new(brokers.clone());
+            for (k, v) in options {
+                o = o.set(k.clone(), v.clone());
+            }
             if let Some(t) = topic {
                 o = o.topic_template(t.clone());
             }
