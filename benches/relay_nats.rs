@@ -120,5 +120,21 @@ async fn main() -> BenchResult {
     println!(
         "commit-to-ack at 5,000 events/s for {secs} s (Sync commits): {count} events, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
     );
+    for catch_up_ms in [20u64, 5] {
+        reset_stream(&js).await?;
+        let sink = NatsSink::connect(options(&server.url)).await?;
+        let (count, p50, p99, max) = sinks::latency_run_with(
+            sink,
+            "orders.changed",
+            PAYLOAD,
+            5_000,
+            secs,
+            Some(Duration::from_millis(catch_up_ms)),
+        )
+        .await?;
+        println!(
+            "the same through a sidecar source catching up every {catch_up_ms} ms: {count} events, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        );
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use outboxkv::relay::sidecar::SidecarSource;
 use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::{Durability, Event, OutboxEntry, Store};
 use parking_lot::Mutex;
@@ -123,6 +124,20 @@ pub async fn latency_run<S: Sink>(
     rate: u64,
     secs: u64,
 ) -> AnyResult<(usize, f64, f64, f64)> {
+    latency_run_with(sink, event_type, payload, rate, secs, None).await
+}
+
+/// Like [`latency_run`]; with `sidecar: Some(interval)` the relay reads
+/// through a [`SidecarSource`] catching up every `interval` (in this
+/// process, as a sidecar process would), and the store applies its cursor.
+pub async fn latency_run_with<S: Sink>(
+    sink: S,
+    event_type: &str,
+    payload: usize,
+    rate: u64,
+    secs: u64,
+    sidecar: Option<Duration>,
+) -> AnyResult<(usize, f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let store = Store::options()
         .durability(Durability::Sync)
@@ -132,7 +147,12 @@ pub async fn latency_run<S: Sink>(
         inner: sink,
         latencies: latencies.clone(),
     };
-    let relay = Relay::builder(&store).sink(sink).start()?;
+    let relay = match sidecar {
+        None => Relay::builder(&store),
+        Some(interval) => Relay::builder_for(SidecarSource::open(dir.path(), interval)?),
+    }
+    .sink(sink)
+    .start()?;
     // Steady state: the first publish (connection set-up, metadata, a
     // restart scan) is not part of the measurement.
     store.write(|tx| tx.emit(Event::bytes(event_type, "warm-up", vec![0u8; payload])))?;
