@@ -6,6 +6,8 @@
 //! TOML file (`--config`), in that order of precedence. Errors are one line
 //! on stderr and a non-zero exit code (2: bad input, 1: failure at run time).
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -596,11 +598,22 @@ async fn serve_metrics(
     }
 }
 
-/// A read-only view for status, inspect and dlq list; its scratch folder is
-/// removed on drop.
+/// A read-only view for status, inspect and dlq list.
 struct ReadView {
-    reader: Option<StoreReader>,
-    scratch: PathBuf,
+    // Field order is drop order: the database closes before its scratch
+    // folder is removed.
+    reader: StoreReader,
+    _scratch: Scratch,
+}
+
+/// A temporary folder for the secondary instance, removed on drop (also
+/// when opening the store fails).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl ReadView {
@@ -609,24 +622,18 @@ impl ReadView {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let scratch =
-            std::env::temp_dir().join(format!("outbox-relay-{}-{nanos}", std::process::id()));
-        let reader = StoreReader::open(db, &scratch)?;
+        let scratch = Scratch(
+            std::env::temp_dir().join(format!("outbox-relay-{}-{nanos}", std::process::id())),
+        );
+        let reader = StoreReader::open(db, &scratch.0)?;
         Ok(ReadView {
-            reader: Some(reader),
-            scratch,
+            reader,
+            _scratch: scratch,
         })
     }
-    fn reader(&self) -> &StoreReader {
-        // Set in `open`, taken only in `drop`.
-        self.reader.as_ref().expect("reader present until drop")
-    }
-}
 
-impl Drop for ReadView {
-    fn drop(&mut self) {
-        drop(self.reader.take());
-        let _ = std::fs::remove_dir_all(&self.scratch);
+    fn reader(&self) -> &StoreReader {
+        &self.reader
     }
 }
 
