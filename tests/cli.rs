@@ -470,13 +470,77 @@ fn status_inspect_and_dlq_report_a_known_store() -> TestResult {
 fn dlq_replay_refuses_a_store_the_service_holds() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
-    let _held = known_store(&path)?;
-    let o = run_cli(&["dlq", "replay", "--db", &path.to_string_lossy(), "--all"])?;
+    let held = known_store(&path)?;
+    let db = path.to_string_lossy().into_owned();
+    let o = run_cli(&["dlq", "replay", "--db", &db, "--all"])?;
     assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("open in another process"),
         "{}",
         stderr(&o)
+    );
+    // Reading works while the service holds the store, and sees its commits.
+    held.write(|tx| tx.emit(Event::bytes("late", "k9", b"late".to_vec())))?;
+    let o = run_cli(&["status", "--db", &db, "--json"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o))?;
+    assert_eq!(v["head"], 7);
+    assert_eq!(
+        run_cli(&["dlq", "list", "--db", &db])?.status.code(),
+        Some(0)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_second_sidecar_on_the_same_store_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    drop(known_store(&path)?);
+    let db = path.to_string_lossy().into_owned();
+    let out = dir.path().join("out.jsonl");
+    let out_s = out.to_string_lossy().into_owned();
+    let args = [
+        "run",
+        "--db",
+        &db,
+        "--sink",
+        "file",
+        "--file",
+        &out_s,
+        "--metrics-addr",
+        "off",
+    ];
+    let mut first = relay_cmd(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The first one is running once it has shipped the 4 entries.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&out)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first sidecar shipped nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run_cli(&args)?;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("LOCK"), "{}", stderr(&o));
+    sigterm(&first)?;
+    assert!(
+        wait_child(&mut first, Duration::from_secs(30))?
+            .status
+            .success()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out)?.lines().count(),
+        4,
+        "shipped once"
     );
     Ok(())
 }
