@@ -337,6 +337,31 @@ async fn the_relay_authenticates_to_nats_with_a_token_from_the_environment() -> 
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream("EVENTS").await?;
     assert_eq!(stream.info().await?.state.messages, 4);
+    // A wrong token is said to be one, at once, not a timeout.
+    let store = Store::open(&path)?;
+    store.write(|tx| tx.emit(Event::bytes("more", "k", b"1".to_vec())))?;
+    drop(store);
+    let o = relay_cmd(&[
+        "run",
+        "--drain",
+        "--db",
+        &path.to_string_lossy(),
+        "--sink",
+        "nats",
+        "--nats-url",
+        &server.url,
+        "--metrics-addr",
+        "off",
+    ])
+    .env("OUTBOXKV_NATS_TOKEN", "wrong")
+    .output()?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).to_lowercase().contains("authorization"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(Store::open(&path)?.outbox().depth(), 1, "nothing shipped");
     Ok(())
 }
 

@@ -4,9 +4,9 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
+use async_nats::{ConnectErrorKind, HeaderMap};
 
 use super::cloudevents;
 use crate::error::{Error, Result};
@@ -170,10 +170,64 @@ impl NatsSink {
             sink: "nats".into(),
             message,
         };
+        // A first attempt without retries tells refused credentials, a bad
+        // address or bad TLS apart from a server that is not up yet; only the
+        // latter is worth retrying in the background.
+        let first = tokio::time::timeout(
+            Duration::from_secs(5),
+            Self::connect_options(&opts, false)
+                .await?
+                .connect(opts.url.as_str()),
+        )
+        .await;
+        let client = match first {
+            Ok(Ok(client)) => client,
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    ConnectErrorKind::AuthorizationViolation
+                        | ConnectErrorKind::Authentication
+                        | ConnectErrorKind::ServerParse
+                        | ConnectErrorKind::Tls
+                ) =>
+            {
+                return Err(broker(format!("connect to {}: {e}", opts.url)));
+            }
+            _ => tokio::time::timeout(
+                Duration::from_secs(10),
+                Self::connect_options(&opts, true)
+                    .await?
+                    .connect(opts.url.as_str()),
+            )
+            .await
+            .map_err(|_| broker(format!("connecting to {} timed out", opts.url)))?
+            .map_err(|e| broker(format!("connect to {}: {e}", opts.url)))?,
+        };
+        let mut js = jetstream::new(client);
+        js.set_timeout(opts.ack_timeout);
+        if let Some(s) = &opts.stream {
+            js.get_or_create_stream(stream::Config {
+                name: s.name.clone(),
+                subjects: s.subjects.clone(),
+                duplicate_window: s.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| broker(format!("create stream {}: {e}", s.name)))?;
+        }
+        Ok(NatsSink { opts, js })
+    }
+
+    async fn connect_options(
+        opts: &NatsOptions,
+        retry: bool,
+    ) -> Result<async_nats::ConnectOptions> {
         let mut connect = async_nats::ConnectOptions::new()
             .name("outboxkv-relay")
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect();
+            .connection_timeout(Duration::from_secs(5));
+        if retry {
+            connect = connect.retry_on_initial_connect();
+        }
         if let Some((u, p)) = &opts.user {
             connect = connect.user_and_password(u.clone(), p.clone());
         }
@@ -189,24 +243,7 @@ impl NatsSink {
         if let Some(ca) = &opts.root_ca {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
-        let client =
-            tokio::time::timeout(Duration::from_secs(10), connect.connect(opts.url.as_str()))
-                .await
-                .map_err(|_| broker(format!("connecting to {} timed out", opts.url)))?
-                .map_err(|e| broker(format!("connect to {}: {e}", opts.url)))?;
-        let mut js = jetstream::new(client);
-        js.set_timeout(opts.ack_timeout);
-        if let Some(s) = &opts.stream {
-            js.get_or_create_stream(stream::Config {
-                name: s.name.clone(),
-                subjects: s.subjects.clone(),
-                duplicate_window: s.duplicate_window,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| broker(format!("create stream {}: {e}", s.name)))?;
-        }
-        Ok(NatsSink { opts, js })
+        Ok(connect)
     }
 
     /// The JetStream context (for tests and tools).
