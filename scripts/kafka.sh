@@ -79,10 +79,20 @@ port_free() {
     ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# Ports are picked below the kernel's ephemeral range: a port in it may be
+# the local end of some outgoing connection, which a connect test does not
+# see but which makes the broker's bind fail ("Address already in use").
+ephemeral_low() {
+    local low
+    low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+    echo "${low:-32768}"
+}
+
 free_port() {
-    local p
+    local p low
+    low=$(ephemeral_low)
     for _ in $(seq 1 100); do
-        p=$(( 20000 + RANDOM % 40000 ))
+        p=$(( 10000 + RANDOM % (low - 10000) ))
         if port_free "$p"; then
             echo "$p"
             return 0
@@ -111,7 +121,11 @@ start)
         echo "error: a broker is already running for $dir" >&2
         exit 1
     fi
+    extra=("$@")
+    fresh=0
     if [ ! -f "$dir/server.properties" ]; then
+        # Only ports picked here may be picked again after a bind failure.
+        [ "$port" = "0" ] && [ "$cport" = "0" ] && fresh=1
         [ "$port" = "0" ] && port=$(free_port)
         if [ "$cport" = "0" ]; then
             cport=$(free_port)
@@ -165,9 +179,16 @@ EOF
     # Ready once the broker logs that it has started and the port accepts.
     for _ in $(seq 1 1200); do
         if ! kill -0 "$pid" 2>/dev/null; then
+            rm -f "$dir/kafka.pid"
+            attempt="${OUTBOXKV_KAFKA_ATTEMPT:-1}"
+            if [ "$fresh" = 1 ] && [ "$attempt" -lt 3 ] \
+                && grep -q "Address already in use" "$dir/logs/server.log" 2>/dev/null; then
+                # Ports we picked were taken meanwhile: pick others.
+                rm -rf "$dir/server.properties" "$dir/data" "$dir/logs"
+                OUTBOXKV_KAFKA_ATTEMPT=$((attempt + 1)) exec "$0" start "$dir" 0 0 "${extra[@]}"
+            fi
             echo "error: the Kafka broker exited at start:" >&2
             tail -n 40 "$dir/logs/stdout.log" "$dir/logs/server.log" >&2 2>/dev/null || true
-            rm -f "$dir/kafka.pid"
             exit 1
         fi
         if grep -q "Kafka Server started" "$dir/logs/server.log" 2>/dev/null && ! port_free "$port"; then

@@ -39,8 +39,11 @@ start)
             echo "error: initdb failed:" >&2; cat "$dir/initdb.log" >&2; exit 1; }
     fi
     if [ "$port" = "0" ]; then
+        # Below the kernel's ephemeral range: a port in it may be the local
+        # end of an outgoing connection, invisible to a connect test.
+        low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
         for _ in $(seq 1 100); do
-            port=$(( 20000 + RANDOM % 40000 ))
+            port=$(( 10000 + RANDOM % (${low:-32768} - 10000) ))
             (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
         done
     fi
