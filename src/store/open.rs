@@ -414,9 +414,9 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
     Ok(store)
 }
 
-struct Recovered {
-    next_seq: u64,
-    first_seq: u64,
+pub(crate) struct Recovered {
+    pub(crate) next_seq: u64,
+    pub(crate) first_seq: u64,
 }
 
 pub(crate) fn decode_seq(key: &[u8]) -> Result<u64> {
@@ -455,6 +455,15 @@ fn recover(db: &DB, path: &Path, meta: &StoreMeta) -> Result<Recovered> {
                 .map_err(storage("write store id"))?;
         }
     }
+    outbox_bounds(db, path)
+}
+
+/// Where the outbox stands in `db`: the next seq to assign and the first
+/// seq not pruned. Shared by opening a store and by read-only views of it.
+pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
+    let cf_meta = db.cf_handle(CF_META).ok_or_else(|| {
+        Error::corruption(path.display().to_string(), "meta column family missing")
+    })?;
     let pruned = match db
         .get_cf(cf_meta, META_PRUNED_THROUGH)
         .map_err(storage("read outbox state"))?

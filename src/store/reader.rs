@@ -8,8 +8,7 @@ use rocksdb::DB;
 
 use super::meta::StoreMeta;
 use super::open::{
-    CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, META_PRUNED_THROUGH, decode_seq, read_meta,
-    storage,
+    CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, outbox_bounds, read_meta, storage,
 };
 use crate::error::{Error, Result};
 use crate::outbox::dead::DeadLetter;
@@ -114,40 +113,14 @@ impl StoreReader {
         })
     }
 
-    fn pruned_through(&self) -> Result<u64> {
-        match self
-            .db
-            .get_cf(self.cf(CF_META)?, META_PRUNED_THROUGH)
-            .map_err(storage("read outbox state"))?
-        {
-            Some(v) => decode_seq(&v),
-            None => Ok(0),
-        }
-    }
-
     /// The last committed seq (0 when nothing was ever committed).
     pub fn head(&self) -> Result<u64> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_OUTBOX)?);
-        it.seek_to_last();
-        let last = match it.key() {
-            Some(k) => decode_seq(k)?,
-            None => 0,
-        };
-        it.status().map_err(storage("scan outbox"))?;
-        Ok(last.max(self.pruned_through()?))
+        Ok(outbox_bounds(&self.db, &self.path)?.next_seq - 1)
     }
 
     /// The first seq not yet pruned by the owning store.
     pub fn tail(&self) -> Result<u64> {
-        let pruned = self.pruned_through()?;
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_OUTBOX)?);
-        it.seek((pruned + 1).to_be_bytes());
-        let first = match it.key() {
-            Some(k) => decode_seq(k)?,
-            None => self.head()? + 1,
-        };
-        it.status().map_err(storage("scan outbox"))?;
-        Ok(first.max(pruned + 1))
+        Ok(outbox_bounds(&self.db, &self.path)?.first_seq)
     }
 
     /// Up to `max_entries` entries from seq `from` on.
@@ -162,14 +135,15 @@ impl StoreReader {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>> {
-        let tail = self.tail()?;
+        let bounds = outbox_bounds(&self.db, &self.path)?;
+        let tail = bounds.first_seq;
         crate::outbox::api::read_entries(
             &self.db,
             self.cf(CF_OUTBOX)?,
             crate::outbox::api::Window {
                 from,
                 tail,
-                head: self.head()?,
+                head: bounds.next_seq - 1,
             },
             max_entries,
             max_bytes,
