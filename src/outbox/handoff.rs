@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::api::Outbox;
 use super::cursor::RelayCursor;
 use super::dead::DeadLetter;
+use super::entry::StoreId;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -30,9 +31,25 @@ pub fn read_cursor(path: &Path) -> Result<Option<RelayCursor>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read relay cursor", path, e)),
     };
-    RelayCursor::decode(&bytes)
-        .map(Some)
-        .map_err(|e| Error::corruption(path.display().to_string(), e.0))
+    decode_cursor(path, &bytes).map(Some)
+}
+
+fn decode_cursor(path: &Path, bytes: &[u8]) -> Result<RelayCursor> {
+    RelayCursor::decode(bytes).map_err(|e| Error::corruption(path.display().to_string(), e.0))
+}
+
+/// Refuses a cursor (read from `path`) that belongs to another store than `store`.
+pub(crate) fn check_owner(cursor: &RelayCursor, path: &Path, store: StoreId) -> Result<()> {
+    if cursor.store == store {
+        return Ok(());
+    }
+    Err(Error::corruption(
+        path.display().to_string(),
+        format!(
+            "the cursor belongs to store {}, not to this store ({store})",
+            cursor.store
+        ),
+    ))
 }
 
 impl Outbox {
@@ -57,18 +74,8 @@ impl Outbox {
 
     fn apply_cursor_bytes(&self, path: &Path, bytes: &[u8]) -> Result<u64> {
         let store = self.store();
-        let cursor = RelayCursor::decode(bytes)
-            .map_err(|e| Error::corruption(path.display().to_string(), e.0))?;
-        if cursor.store != store.id() {
-            return Err(Error::corruption(
-                path.display().to_string(),
-                format!(
-                    "the cursor belongs to store {}, not to this store ({})",
-                    cursor.store,
-                    store.id()
-                ),
-            ));
-        }
+        let cursor = decode_cursor(path, bytes)?;
+        check_owner(&cursor, path, store.id())?;
         let through = cursor.delivered_through.min(self.head());
         let tail = self.tail();
         if through < tail {

@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::outbox::cursor::{CursorDead, MAX_DEAD, RelayCursor};
 use crate::outbox::dead::DeadLetter;
 use crate::outbox::entry::OutboxEntry;
-use crate::outbox::handoff::{RELAY_DIR, cursor_path, read_cursor};
+use crate::outbox::handoff::{RELAY_DIR, check_owner, cursor_path, read_cursor};
 use crate::store::StoreReader;
 use crate::store::open::{lock, write_file_atomic};
 use crate::store::reader::check_store;
@@ -63,16 +63,8 @@ impl SidecarSource {
         let meta = check_store(path)?;
         let cursor_file = cursor_path(path);
         let cursor = read_cursor(&cursor_file)?;
-        if let Some(c) = &cursor
-            && c.store != meta.store_id
-        {
-            return Err(Error::corruption(
-                cursor_file.display().to_string(),
-                format!(
-                    "the cursor belongs to store {}, not to {}",
-                    c.store, meta.store_id
-                ),
-            ));
+        if let Some(c) = &cursor {
+            check_owner(c, &cursor_file, meta.store_id)?;
         }
         let dir = path.join(RELAY_DIR);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
@@ -105,13 +97,6 @@ impl SidecarSource {
     }
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 impl OutboxSource for SidecarSource {
     fn tail(&self) -> Result<u64> {
         Ok((self.state.lock().delivered_through + 1).max(self.reader.tail()?))
@@ -137,11 +122,7 @@ impl OutboxSource for SidecarSource {
             seq: d.entry.seq,
             attempts: d.attempts,
             first_failed_micros: d.first_failed_micros,
-            dead_at_micros: if d.dead_at_micros == 0 {
-                now_micros()
-            } else {
-                d.dead_at_micros
-            },
+            dead_at_micros: d.dead_at_micros,
             error: d.error.clone(),
         }));
         if next.dead.len() > MAX_DEAD {
