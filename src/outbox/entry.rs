@@ -113,6 +113,15 @@ impl FromStr for EventId {
     }
 }
 
+/// Microseconds since the Unix epoch (0 if the clock is before it): the
+/// timestamps of entries and dead letters.
+pub(crate) fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// One committed event as the outbox holds it.
 ///
 /// Read with [`Outbox::read`](crate::Outbox::read); what the relay ships.

@@ -37,14 +37,14 @@ pub use sink::{BoxFuture, Outcome, Sink};
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
 use crate::outbox::dead::DeadLetter;
-use crate::outbox::entry::OutboxEntry;
+use crate::outbox::entry::{OutboxEntry, now_micros};
 use crate::store::Store;
 use backoff::Jitter;
 
@@ -361,13 +361,6 @@ impl Relay {
         let _ = self.stop.send(mode);
         (self.stop, self.done)
     }
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 struct Worker {

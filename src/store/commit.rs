@@ -26,7 +26,6 @@ use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
 use rocksdb::WriteBatch;
@@ -35,7 +34,7 @@ use super::open::{CF_OUTBOX, Inner};
 use super::tx::WriteSet;
 use crate::Durability;
 use crate::error::{Error, Result};
-use crate::outbox::entry::{EntryFields, EventId, encode_parts};
+use crate::outbox::entry::{EntryFields, EventId, encode_parts, now_micros};
 use crate::outbox::event::Event;
 
 /// Size of a RocksDB write batch header: 8-byte sequence, 4-byte count.
@@ -146,13 +145,6 @@ pub(crate) struct Pipeline {
 /// Outcome of a successful commit.
 pub(crate) struct Assigned {
     pub seqs: Range<u64>,
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 impl Pipeline {
