@@ -160,7 +160,10 @@ pub enum Error {
     /// An earlier write failed at the storage layer (for example an fsync
     /// error). After such a failure the state of the page cache is unknown, so
     /// the store refuses further writes; reads still work. Reopen the store to
-    /// recover from the write-ahead log.
+    /// recover from the write-ahead log. The commits that fail with it are
+    /// in doubt: with [`StoreOptions::pipelined_fsync`](crate::StoreOptions::pipelined_fsync)
+    /// (the default) a `Sync` commit whose fsync failed may be visible until
+    /// the reopen and may or may not survive it.
     #[error("store is poisoned by an earlier write failure ({cause}); reopen it")]
     Poisoned {
         /// The first failure, as text.

@@ -196,6 +196,10 @@ impl OutboxEntry {
 /// Version byte of the current entry format.
 pub const ENTRY_VERSION: u8 = 1;
 
+/// Bytes of an encoded entry besides its strings, payload and headers (see
+/// [`encode_parts`]); each header adds 6 more.
+pub(crate) const ENTRY_OVERHEAD: usize = 1 + 4 + 8 + 16 + 8 + 8 + 2 + 4 + 2 + 2 + 4;
+
 pub(crate) struct EntryFields<'a> {
     pub event_type: &'a str,
     pub key: &'a str,
@@ -401,6 +405,23 @@ mod tests {
     fn round_trip() {
         let e = sample();
         assert_eq!(decode_entry(&e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn overhead_is_the_encoded_size_besides_the_fields() {
+        let e = sample();
+        let fields: usize = e.event_type.len()
+            + e.key.len()
+            + e.content_type.len()
+            + e.payload.len()
+            + e.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        assert_eq!(
+            e.encode().len(),
+            ENTRY_OVERHEAD + 6 * e.headers.len() + fields
+        );
     }
 
     #[test]

@@ -26,6 +26,13 @@ use crate::store::reader::check_store;
 /// the store as a RocksDB secondary (its files in `<store>/relay/secondary`).
 /// It catches up with the owner every `catch_up_interval` while idle.
 ///
+/// Durability: a secondary reads the owner's write-ahead log as the
+/// operating system has it, so it can see (and ship) a `Sync` commit whose
+/// fsync is still running, up to one fsync (~0.1 ms on the test VM) before
+/// it is durable. If the machine loses power in that window, the broker has
+/// an event the store lost. The in-process relay does not have this window
+/// (it ships `Sync` events only after their fsync).
+///
 /// ```no_run
 /// use outboxkv::relay::Relay;
 /// use outboxkv::relay::sidecar::SidecarSource;

@@ -16,7 +16,7 @@ use super::read::{Snapshot, decode_stored};
 use super::table::{Table, full_key};
 use super::value::encode_value;
 use crate::error::{Error, Result};
-use crate::outbox::entry::{EventId, StoreId};
+use crate::outbox::entry::{ENTRY_OVERHEAD, EventId, StoreId};
 use crate::outbox::event::Event;
 
 /// What a successful commit returns: the closure's value and the outbox seqs
@@ -194,6 +194,25 @@ impl<'s> Staged<'s> {
         Ok(())
     }
 
+    /// About the size of the RocksDB batch this commit makes (its writes and
+    /// encoded outbox entries, with record overheads), so that the batch is
+    /// allocated once.
+    fn batch_bytes(&self) -> usize {
+        const RECORD: usize = 12; // tag, column family, two varint lengths
+        let writes: usize = self
+            .writes
+            .entries
+            .iter()
+            .map(|(k, v)| RECORD + k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| RECORD + 8 + ENTRY_OVERHEAD + 6 * e.headers.len() + e.size())
+            .sum();
+        12 + writes + events
+    }
+
     fn commit(self, start_version: Option<u64>, reads: &[ReadRecord]) -> Result<Committed<()>> {
         let inner = &self.store.inner;
         let store = inner.meta.store_id;
@@ -216,7 +235,7 @@ impl<'s> Staged<'s> {
                 return Err(e);
             }
         };
-        let mut batch = WriteBatch::default();
+        let mut batch = WriteBatch::with_capacity_bytes(self.batch_bytes());
         for (key, value) in &self.writes.entries {
             match value {
                 Some(v) => batch.put_cf(tables, key, v),

@@ -81,7 +81,13 @@ struct VecWriter<'a>(&'a mut Vec<u8>);
 impl bincode::enc::write::Writer for VecWriter<'_> {
     #[inline]
     fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
-        self.0.extend_from_slice(bytes);
+        // serde hands a `Vec<u8>` over one byte at a time: a push is much
+        // cheaper than a copy of unknown length.
+        if let [b] = bytes {
+            self.0.push(*b);
+        } else {
+            self.0.extend_from_slice(bytes);
+        }
         Ok(())
     }
 }
