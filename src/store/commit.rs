@@ -279,8 +279,8 @@ impl Pipeline {
         // Yield a few times before sleeping: a commit is often done within
         // microseconds, and a thread that sleeps is woken late (on a VM the
         // idle CPU it would run on has to be woken through the hypervisor).
-        // Measured on the 2-vCPU VM: 16-thread Sync commits ~62k/s without,
-        // ~77k/s with (benches/commit_ratio.rs).
+        // Measured on the 2-vCPU VM, one run each: 16-thread Sync commits
+        // ~62k/s without, ~77k/s with (benches/commit_ratio.rs).
         for _ in 0..SPIN_YIELDS {
             if !matches!(*slot.state.lock(), SlotState::Waiting) {
                 break;

@@ -191,7 +191,7 @@ impl StoreOptions {
     ///
     /// - `true`: the group is written, then fsynced while the next group is
     ///   written, so more commits share each fsync (on the 2-vCPU test VM, 16
-    ///   threads commit about 6x as fast as one instead of about 4.5x; see
+    ///   threads commit 5.2-6.3x as fast as one instead of 4.3-4.8x; see
     ///   `benches/commit_ratio.rs`). Reads in this process can then see a
     ///   `Sync` commit up to one fsync before it is durable. The relay cannot:
     ///   it ships a `Sync` event only after its fsync. If that fsync fails,
