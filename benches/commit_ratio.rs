@@ -92,6 +92,16 @@ struct Outboxkv {
     payload: Vec<u8>,
 }
 
+impl Outboxkv {
+    fn open(path: &std::path::Path, durability: Durability) -> AnyResult<Outboxkv> {
+        Ok(Outboxkv {
+            store: Store::options().durability(durability).open(path)?,
+            state: vec![7; STATE_BYTES],
+            payload: vec![9; EVENT_BYTES],
+        })
+    }
+}
+
 impl Side for Outboxkv {
     fn commit(&self, i: u64) -> AnyResult {
         self.store.write(|tx| {
@@ -192,13 +202,7 @@ fn main() -> AnyResult {
     if case == "sync16" {
         // Only outboxkv's 16-thread Sync commits, for a profiler.
         let dir = tempfile::tempdir()?;
-        let okv = Outboxkv {
-            store: Store::options()
-                .durability(Durability::Sync)
-                .open(dir.path())?,
-            state: vec![7u8; STATE_BYTES],
-            payload: vec![9u8; EVENT_BYTES],
-        };
+        let okv = Outboxkv::open(dir.path(), Durability::Sync)?;
         for _ in 0..rounds {
             println!("{:.0} commits/s", rate(&okv, 16, 20_000 / scale, &next)?);
         }
@@ -208,17 +212,10 @@ fn main() -> AnyResult {
 }
 
 fn buffered(rounds: usize, scale: u64, next: &AtomicU64) -> AnyResult {
-    let (state, payload) = (vec![7u8; STATE_BYTES], vec![9u8; EVENT_BYTES]);
     let raw_dir = tempfile::tempdir()?;
     let raw = Raw::open(raw_dir.path(), false)?;
     let dir = tempfile::tempdir()?;
-    let okv = Outboxkv {
-        store: Store::options()
-            .durability(Durability::Buffered)
-            .open(dir.path())?,
-        state: state.clone(),
-        payload: payload.clone(),
-    };
+    let okv = Outboxkv::open(dir.path(), Durability::Buffered)?;
     let n = 50_000 / scale;
     let (r_raw, r_okv, ratio) =
         alternate(rounds, || rate(&raw, 1, n, next), || rate(&okv, 1, n, next))?;
@@ -229,17 +226,10 @@ fn buffered(rounds: usize, scale: u64, next: &AtomicU64) -> AnyResult {
 }
 
 fn sync(rounds: usize, scale: u64, next: &AtomicU64) -> AnyResult {
-    let (state, payload) = (vec![7u8; STATE_BYTES], vec![9u8; EVENT_BYTES]);
     let raw_dir = tempfile::tempdir()?;
     let raw = Raw::open(raw_dir.path(), true)?;
     let dir = tempfile::tempdir()?;
-    let okv = Outboxkv {
-        store: Store::options()
-            .durability(Durability::Sync)
-            .open(dir.path())?,
-        state,
-        payload,
-    };
+    let okv = Outboxkv::open(dir.path(), Durability::Sync)?;
     let (n1, n16) = (3_000 / scale, 20_000 / scale);
     let (o1, o16, o_ratio) = alternate(
         rounds,
