@@ -179,6 +179,9 @@ pub(crate) struct Pipeline {
     visible: Condvar,
     /// First seq still in the outbox (advanced by pruning).
     pub(crate) first_seq: AtomicU64,
+    /// Fsyncs left before injected failures start (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub(crate) fsyncs_before_failure: AtomicU64,
 }
 
 /// Outcome of a successful commit.
@@ -206,6 +209,8 @@ impl Pipeline {
             }),
             visible: Condvar::new(),
             first_seq: AtomicU64::new(first_seq),
+            #[cfg(feature = "failpoints")]
+            fsyncs_before_failure: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -507,8 +512,7 @@ impl Pipeline {
             let (cover, cover_seq) = (st.visible_version, st.written_seq);
             let synced = match &st.poisoned {
                 Some(cause) => Err(cause.clone()),
-                None => MutexGuard::unlocked(&mut st, || inner.db.flush_wal(true))
-                    .map_err(|e| format!("write-ahead log fsync failed: {e}")),
+                None => MutexGuard::unlocked(&mut st, || self.fsync(inner)),
             };
             let outcome = match synced {
                 Ok(()) => {
@@ -545,6 +549,25 @@ impl Pipeline {
             }
             st = self.state.lock();
         }
+    }
+
+    /// Fsyncs RocksDB's write-ahead log (`SyncWAL`).
+    fn fsync(&self, inner: &Inner) -> std::result::Result<(), String> {
+        #[cfg(feature = "failpoints")]
+        {
+            let left =
+                self.fsyncs_before_failure
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+            if left == Ok(0) {
+                return Err("injected fsync failure (failpoints)".to_string());
+            }
+        }
+        inner
+            .db
+            .flush_wal(true)
+            .map_err(|e| format!("write-ahead log fsync failed: {e}"))
     }
 
     /// One RocksDB write for the whole group: without fsync, unless a member

@@ -497,3 +497,28 @@ pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
         first_seq: first.max(pruned + 1).min(next_seq),
     })
 }
+
+#[cfg(feature = "failpoints")]
+impl Store {
+    /// Fault injection for tests (feature `failpoints`, not for production):
+    /// the write-ahead-log fsyncs of `Sync` commit groups after the next `n`
+    /// fail, as an fsync error from the disk would. Only the pipelined fsync
+    /// ([`StoreOptions::pipelined_fsync`](crate::StoreOptions::pipelined_fsync),
+    /// the default) goes through this point.
+    ///
+    /// ```
+    /// use outboxkv::{Error, Event, Store};
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Store::open(dir.path())?;
+    /// store.fail_fsyncs_after(0);
+    /// let r = store.write(|tx| tx.emit(Event::bytes("t", "k", Vec::new())));
+    /// assert!(matches!(r, Err(Error::Poisoned { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn fail_fsyncs_after(&self, n: u64) {
+        self.inner
+            .pipeline
+            .fsyncs_before_failure
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
+}
