@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+./scripts/prune-target.sh
 
 echo ">> cargo fmt --check"
 cargo fmt --all --check

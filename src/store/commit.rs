@@ -530,15 +530,16 @@ impl Pipeline {
                 .into_iter()
                 .partition(|(version, _)| failed || *version <= cover);
             st.awaiting = waiting;
-            let again = !st.awaiting.is_empty() && rounds < SYNC_ROUNDS;
-            if !again {
-                st.syncing = false;
-                // Hand the role to a commit of the next group waiting.
-                let next = st.awaiting.first().and_then(|(_, s)| s.first()).cloned();
+            let mut again = !st.awaiting.is_empty();
+            if again && rounds >= SYNC_ROUNDS {
+                // Hand the role (`syncing` stays set) to a waiting commit.
+                let next = st.awaiting.iter().find_map(|(_, s)| s.first()).cloned();
                 if let Some(slot) = next {
-                    st.syncing = true;
                     slot.set(SlotState::Sync);
+                    again = false;
                 }
+            } else if !again {
+                st.syncing = false;
             }
             drop(st);
             for slot in done.into_iter().flat_map(|(_, slots)| slots) {
