@@ -1,6 +1,7 @@
-//! A failing fsync under concurrent `Sync` commits (feature `failpoints`):
-//! no commit hangs, nothing fails silently, the relay is never told about a
-//! commit that failed, and what was acknowledged survives a reopen.
+//! A failing fsync or write under concurrent `Sync` commits (feature
+//! `failpoints`): no commit hangs, nothing fails silently, the relay is never
+//! told about a commit that failed, and what was acknowledged survives a
+//! reopen.
 
 use std::collections::BTreeSet;
 use std::sync::mpsc;
@@ -22,10 +23,21 @@ struct Seen {
 
 #[test]
 fn fsync_failure_poisons_without_hanging_or_announcing_failed_commits() -> TestResult {
+    run_into_failure(|store| store.fail_fsyncs_after(150))
+}
+
+/// A failing group write leaves the commits queued behind it (they were
+/// ordered, given seqs, and wait for the next leader) to be failed too.
+#[test]
+fn write_failure_poisons_without_hanging_or_announcing_failed_commits() -> TestResult {
+    run_into_failure(|store| store.fail_writes_after(300))
+}
+
+fn run_into_failure(inject: impl FnOnce(&Store)) -> TestResult {
     const THREADS: u64 = 16;
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
-    store.fail_fsyncs_after(150);
+    inject(&store);
 
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::new();
@@ -59,7 +71,7 @@ fn fsync_failure_poisons_without_hanging_or_announcing_failed_commits() -> TestR
         // A commit left waiting for an fsync that failed would hang here.
         let seen = rx
             .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| "a committer hung after the fsync failure")?;
+            .map_err(|_| "a committer hung after the injected failure")?;
         assert!(
             matches!(&seen.error, Error::Poisoned { cause } if cause.contains("injected")),
             "unexpected error: {:?}",

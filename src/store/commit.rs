@@ -182,6 +182,9 @@ pub(crate) struct Pipeline {
     /// Fsyncs left before injected failures start (feature `failpoints`).
     #[cfg(feature = "failpoints")]
     pub(crate) fsyncs_before_failure: AtomicU64,
+    /// Group writes left before injected failures start (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub(crate) writes_before_failure: AtomicU64,
 }
 
 /// Outcome of a successful commit.
@@ -211,6 +214,8 @@ impl Pipeline {
             first_seq: AtomicU64::new(first_seq),
             #[cfg(feature = "failpoints")]
             fsyncs_before_failure: AtomicU64::new(u64::MAX),
+            #[cfg(feature = "failpoints")]
+            writes_before_failure: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -555,15 +560,8 @@ impl Pipeline {
     /// Fsyncs RocksDB's write-ahead log (`SyncWAL`).
     fn fsync(&self, inner: &Inner) -> std::result::Result<(), String> {
         #[cfg(feature = "failpoints")]
-        {
-            let left =
-                self.fsyncs_before_failure
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        Some(n.saturating_sub(1))
-                    });
-            if left == Ok(0) {
-                return Err("injected fsync failure (failpoints)".to_string());
-            }
+        if failpoint(&self.fsyncs_before_failure) {
+            return Err("injected fsync failure (failpoints)".to_string());
         }
         inner
             .db
@@ -593,18 +591,34 @@ impl Pipeline {
             single = Some(p.batch);
         }
         let written = match merged.or(single) {
-            Some(b) => inner.db.write_opt(b, opts),
+            #[cfg(feature = "failpoints")]
+            Some(_) if failpoint(&inner.pipeline.writes_before_failure) => {
+                // Fail as a stalled disk does: late, while commits queue up.
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                Err("injected write failure (failpoints)".to_string())
+            }
+            Some(b) => inner
+                .db
+                .write_opt(b, opts)
+                .map_err(|e| format!("commit write failed: {e}")),
             None => Ok(()),
         };
         Written {
-            outcome: written
-                .map(|()| version)
-                .map_err(|e| format!("commit write failed: {e}")),
+            outcome: written.map(|()| version),
             slots,
             last_seq,
             sync,
         }
     }
+}
+
+/// Lets one pass through a failpoint; true (fail) once the passes `left`
+/// allowed are used up.
+#[cfg(feature = "failpoints")]
+fn failpoint(left: &AtomicU64) -> bool {
+    left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        Some(n.saturating_sub(1))
+    }) == Ok(0)
 }
 
 /// The caller's own commit, as [`Pipeline::lead`] leaves it.

@@ -521,4 +521,15 @@ impl Store {
             .fsyncs_before_failure
             .store(n, std::sync::atomic::Ordering::Release);
     }
+
+    /// Fault injection for tests (feature `failpoints`, not for production):
+    /// the commit-group writes to RocksDB after the next `n` fail, as a
+    /// write error (a full disk) would, each 2 ms late (as from a stalled
+    /// disk, so that commits queue up behind it).
+    pub fn fail_writes_after(&self, n: u64) {
+        self.inner
+            .pipeline
+            .writes_before_failure
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
 }
