@@ -76,6 +76,12 @@ pub enum Error {
     },
 
     /// Another `Store` (in this or another process) has the store open.
+    ///
+    /// The lock is an `flock` on the store's `LOCK` file. A child process
+    /// that this process is starting (between its fork and its exec) holds
+    /// a copy of it for that moment, so reopening right after dropping a
+    /// `Store` can see `Locked` briefly while another thread spawns a
+    /// process; retry after a few milliseconds.
     #[error("{path} is already open in another Store (lock file {lock} is held)")]
     Locked {
         /// The store path.
