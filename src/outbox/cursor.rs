@@ -25,8 +25,6 @@
 //! never a mix. Dead entries stay listed until the store has pruned past
 //! them.
 
-use std::fmt;
-
 use super::dead::MAX_ERROR_LEN;
 use super::entry::StoreId;
 
@@ -73,16 +71,9 @@ pub struct RelayCursor {
 }
 
 /// Why bytes are not a valid cursor file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct CursorDecodeError(pub String);
-
-impl fmt::Display for CursorDecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CursorDecodeError {}
 
 impl RelayCursor {
     /// Encodes the cursor (dead entries beyond [`MAX_DEAD`] and error text

@@ -1,7 +1,5 @@
 //! Dead letters: outbox entries the relay gave up on, with why.
 
-use std::fmt;
-
 use super::entry::{EntryDecodeError, OutboxEntry, decode_entry};
 
 /// An entry the relay could not deliver (the broker rejected it for good, or
@@ -70,16 +68,9 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 /// Why stored dead-letter bytes are not a valid dead letter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct DeadLetterDecodeError(pub String);
-
-impl fmt::Display for DeadLetterDecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DeadLetterDecodeError {}
 
 impl From<EntryDecodeError> for DeadLetterDecodeError {
     fn from(e: EntryDecodeError) -> Self {

@@ -269,16 +269,9 @@ pub(crate) fn encode_parts(
 }
 
 /// Why stored entry bytes are not a valid entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct EntryDecodeError(pub String);
-
-impl fmt::Display for EntryDecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for EntryDecodeError {}
 
 struct Reader<'a>(&'a [u8]);
 
