@@ -52,7 +52,7 @@ use crate::outbox::entry::{EntryFields, EventId, encode_parts, now_micros};
 use crate::outbox::event::Event;
 
 /// Size of a RocksDB write batch header: 8-byte sequence, 4-byte count.
-const BATCH_HEADER: usize = 12;
+pub(crate) const BATCH_HEADER: usize = 12;
 /// Groups one leader writes in a row before handing leadership on.
 const LEADER_ROUNDS: u32 = 8;
 /// Fsyncs one thread runs in a row before handing the role on.

@@ -8,7 +8,7 @@ use rocksdb::{DB, SnapshotWithThreadMode, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::commit::{ReadRecord, Request};
+use super::commit::{BATCH_HEADER, ReadRecord, Request};
 use super::key::{Key, render};
 use super::open::{CF_DEAD, CF_TABLES, Store};
 use super::options::Durability;
@@ -210,7 +210,7 @@ impl<'s> Staged<'s> {
             .iter()
             .map(|e| RECORD + 8 + ENTRY_OVERHEAD + 6 * e.headers.len() + e.size())
             .sum();
-        12 + writes + events
+        BATCH_HEADER + writes + events
     }
 
     fn commit(self, start_version: Option<u64>, reads: &[ReadRecord]) -> Result<Committed<()>> {
