@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use outboxkv::{Durability, Event, Store, Table};
-use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
+use rocksdb::{WriteBatch, WriteOptions};
+
+#[path = "common/raw.rs"]
+mod raw;
+use raw::open_raw;
 
 const STATE: Table<u64, Vec<u8>> = Table::new("state");
 const STATE_BYTES: usize = 200;
@@ -43,16 +47,7 @@ fn buffered_single_thread(c: &mut Criterion) {
     // outboxkv's, and is closed (its background flushes finished) before
     // outboxkv is measured.
     let raw_dir = tempfile::tempdir().expect("tempdir");
-    let mut opts = Options::default();
-    opts.create_if_missing(true);
-    opts.create_missing_column_families(true);
-    let cf_opts = || {
-        let mut o = Options::default();
-        o.set_compression_type(DBCompressionType::Lz4);
-        o
-    };
-    let cfs = ["tables", "outbox", "meta"].map(|n| ColumnFamilyDescriptor::new(n, cf_opts()));
-    let db = DB::open_cf_descriptors(&opts, raw_dir.path(), cfs).expect("open raw rocksdb");
+    let db = open_raw(raw_dir.path()).expect("open raw rocksdb");
     let mut wo = WriteOptions::default();
     wo.set_sync(false);
     let mut seq = 0u64;

@@ -24,7 +24,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use outboxkv::{Durability, Event, Store, Table};
-use rocksdb::{ColumnFamilyDescriptor, DB, DBCompressionType, Options, WriteBatch, WriteOptions};
+use rocksdb::{DB, WriteBatch, WriteOptions};
+
+#[path = "common/raw.rs"]
+mod raw;
+use raw::open_raw;
 
 type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -48,15 +52,7 @@ struct Raw {
 
 impl Raw {
     fn open(path: &std::path::Path, sync: bool) -> AnyResult<Raw> {
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        let cf = |n: &str| {
-            let mut o = Options::default();
-            o.set_compression_type(DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(n, o)
-        };
-        let db = DB::open_cf_descriptors(&opts, path, [cf("tables"), cf("outbox"), cf("meta")])?;
+        let db = open_raw(path)?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         Ok(Raw {
