@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -27,11 +28,16 @@ use crate::store::reader::check_store;
 /// It catches up with the owner every `catch_up_interval` while idle.
 ///
 /// Durability: a secondary reads the owner's write-ahead log as the
-/// operating system has it, so it can see (and ship) a `Sync` commit whose
-/// fsync is still running, up to one fsync (~0.1 ms on the test VM) before
-/// it is durable. If the machine loses power in that window, the broker has
-/// an event the store lost. The in-process relay does not have this window
-/// (it ships `Sync` events only after their fsync).
+/// operating system has it, which can be ahead of the disk (a `Buffered`
+/// commit, or a `Sync` commit whose fsync is still running). So after each
+/// catch-up the sidecar fsyncs the log itself ([`StoreReader::sync_wal`])
+/// and ships only entries read before that fsync: an event it ships
+/// survives a power loss together with the state committed with it, in
+/// both durability modes. [`head`](OutboxSource::head) is the last seq made
+/// durable that way; a caller that catches the [`reader`](Self::reader) up
+/// itself sees further, but the sidecar does not ship it before its next
+/// catch-up. Costs two fsyncs (log and folder) per catch-up that found new
+/// entries.
 ///
 /// ```no_run
 /// use outboxkv::relay::Relay;
@@ -45,6 +51,8 @@ use crate::store::reader::check_store;
 /// ```
 pub struct SidecarSource {
     reader: Arc<StoreReader>,
+    /// Last seq read before a successful [`StoreReader::sync_wal`].
+    durable: Arc<AtomicU64>,
     cursor_file: PathBuf,
     state: Mutex<RelayCursor>,
     interval: Duration,
@@ -77,6 +85,8 @@ impl SidecarSource {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
         let lock_file = lock(&dir)?;
         let reader = StoreReader::open(path, dir.join("secondary"))?;
+        let durable = Arc::new(AtomicU64::new(0));
+        make_durable(&reader, &durable)?;
         let floor = reader.tail()?.saturating_sub(1);
         let mut state = cursor.unwrap_or(RelayCursor {
             store: meta.store_id,
@@ -86,6 +96,7 @@ impl SidecarSource {
         state.delivered_through = state.delivered_through.max(floor);
         Ok(SidecarSource {
             reader: Arc::new(reader),
+            durable,
             cursor_file,
             state: Mutex::new(state),
             interval: catch_up_interval,
@@ -110,12 +121,14 @@ impl OutboxSource for SidecarSource {
     }
 
     fn head(&self) -> Result<u64> {
-        self.reader.head()
+        Ok(self.durable.load(Ordering::Acquire))
     }
 
     fn read(&self, from: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
         let from = from.max(self.tail()?);
-        self.reader.read_limited(from, max_entries, max_bytes)
+        let through = self.durable.load(Ordering::Acquire);
+        self.reader
+            .read_through(from, through, max_entries, max_bytes)
     }
 
     fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()> {
@@ -145,25 +158,35 @@ impl OutboxSource for SidecarSource {
 
     fn changed(&self, head: u64) -> BoxFuture<'static, ()> {
         let reader = self.reader.clone();
+        let durable = self.durable.clone();
         let interval = self.interval;
         Box::pin(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                let r = reader.clone();
+                let (r, d) = (reader.clone(), durable.clone());
                 let moved = tokio::task::spawn_blocking(move || -> Result<bool> {
                     r.catch_up()?;
-                    Ok(r.head()? > head)
+                    Ok(make_durable(&r, &d)? > head)
                 })
                 .await;
                 match moved {
                     Ok(Ok(true)) => return,
                     Ok(Ok(false)) => {}
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "sidecar could not catch up with the store");
+                        tracing::warn!(error = %e, "sidecar could not catch up with the store or fsync its log");
                     }
                     Err(_) => return,
                 }
             }
         })
     }
+}
+
+/// Fsyncs the owner's log for what `reader` has read and raises `durable` to
+/// the last seq it saw; returns the new durable seq.
+fn make_durable(reader: &StoreReader, durable: &AtomicU64) -> Result<u64> {
+    // Read the head first: the fsync then covers it.
+    let head = reader.head()?;
+    reader.sync_wal()?;
+    Ok(durable.fetch_max(head, Ordering::AcqRel).max(head))
 }

@@ -194,7 +194,8 @@ impl StoreOptions {
     ///   threads commit 5.2-6.3x as fast as one instead of 4.3-4.8x; see
     ///   `benches/commit_ratio.rs`). Reads in this process can then see a
     ///   `Sync` commit up to one fsync before it is durable. The relay cannot:
-    ///   it ships a `Sync` event only after its fsync. If that fsync fails,
+    ///   it ships a `Sync` event only after its fsync (a sidecar relay fsyncs
+    ///   the log itself before it ships). If that fsync fails,
     ///   the store is poisoned and the commits it covered fail, but they may
     ///   stay visible until the store is reopened and may or may not survive.
     /// - `false`: each group is written and fsynced in one RocksDB write, and

@@ -135,6 +135,18 @@ impl StoreReader {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>> {
+        self.read_through(from, u64::MAX, max_entries, max_bytes)
+    }
+
+    /// Like [`read_limited`](StoreReader::read_limited), but no entry above
+    /// seq `through`.
+    pub(crate) fn read_through(
+        &self,
+        from: u64,
+        through: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OutboxEntry>> {
         let bounds = outbox_bounds(&self.db, &self.path)?;
         let tail = bounds.first_seq;
         crate::outbox::api::read_entries(
@@ -143,12 +155,47 @@ impl StoreReader {
             crate::outbox::api::Window {
                 from,
                 tail,
-                head: bounds.next_seq - 1,
+                head: (bounds.next_seq - 1).min(through),
             },
             max_entries,
             max_bytes,
             || tail,
         )
+    }
+
+    /// Makes what this reader has read durable: fsyncs the owner's
+    /// write-ahead log files and the database folder.
+    ///
+    /// A reader sees the owner's writes as the operating system has them,
+    /// which includes writes not fsynced yet: `Durability::Buffered`
+    /// commits, and `Sync` commits whose fsync is still running. Whatever it
+    /// read before this call returned `Ok` survives a power loss. A relay in
+    /// another process calls it before it ships what it read
+    /// ([`SidecarSource`](crate::relay::sidecar::SidecarSource) does).
+    ///
+    /// A log file the owner deletes meanwhile is skipped: RocksDB deletes a
+    /// log only after its contents are in fsynced table files.
+    pub fn sync_wal(&self) -> Result<()> {
+        let dir = self.path.join(DB_DIR);
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io("list directory", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list directory", &dir, e))?;
+            let path = entry.path();
+            if path.extension().is_none_or(|x| x != "log") {
+                continue;
+            }
+            match fs::File::open(&path) {
+                Ok(f) => f
+                    .sync_data()
+                    .map_err(|e| Error::io("fsync write-ahead log", &path, e))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("open write-ahead log", &path, e)),
+            }
+        }
+        // A log file the owner created is durable only with its folder entry.
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("fsync directory", &dir, e))
     }
 
     /// Up to `limit` dead letters with seq `>= from`.
