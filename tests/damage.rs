@@ -1,6 +1,7 @@
 //! Damaged files: a torn or bit-flipped write-ahead log, a damaged SST, a
-//! damaged relay cursor. Each gives a clear error or is recovered as
-//! `WalRecovery` documents; acknowledged commits are never dropped silently.
+//! damaged relay cursor, a missing `CURRENT`, a MANIFEST that lost its end.
+//! Each gives a clear error or is recovered as `WalRecovery` documents;
+//! acknowledged commits are never dropped silently.
 
 mod common;
 
@@ -204,5 +205,103 @@ fn a_damaged_relay_cursor_prunes_nothing_and_says_why() -> TestResult {
         Err(Error::Corruption { .. })
     ));
     assert_eq!(store.outbox().depth(), 10, "nothing pruned");
+    Ok(())
+}
+
+/// Names of the files in the database folder, without RocksDB's info logs.
+fn db_files(path: &Path) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+    let mut names: Vec<String> = fs::read_dir(path.join("db"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.retain(|n| !n.starts_with("LOG"));
+    names.sort();
+    Ok(names)
+}
+
+/// Without `CURRENT`, RocksDB would create a new, empty database over the
+/// old files and delete them (it did: the store opened empty).
+#[test]
+fn a_missing_current_file_is_refused_and_the_data_files_are_kept() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    fill(&path, 100)?;
+    Store::open(&path)?.flush()?;
+    let db = path.join("db");
+    let current = fs::read(db.join("CURRENT"))?;
+    fs::remove_file(db.join("CURRENT"))?;
+    // The logs hold nothing after the flush; without them RocksDB itself
+    // does not object.
+    for log in files_with(&db, "log")? {
+        fs::remove_file(log)?;
+    }
+    let before = db_files(&path)?;
+    assert!(before.iter().any(|n| n.ends_with(".sst")), "{before:?}");
+    for _ in 0..2 {
+        match Store::open(&path) {
+            Err(Error::Corruption { location, reason }) => {
+                assert!(location.ends_with("db"), "{location}");
+                assert!(reason.contains("no CURRENT file"), "{reason}");
+            }
+            Err(other) => return Err(format!("expected Corruption, got {other}").into()),
+            Ok(_) => return Err("opened without CURRENT".into()),
+        }
+        assert_eq!(db_files(&path)?, before, "nothing created or deleted");
+    }
+    fs::write(db.join("CURRENT"), current)?;
+    assert_exactly(&Store::open(&path)?, 100)?;
+    Ok(())
+}
+
+/// The MANIFEST loses the records of a flush (its end cut off, as in a store
+/// copied while it was written): RocksDB opens the older state, and the
+/// flushed outbox entries and table rows are gone. The outbox tells: its
+/// oldest entries are missing but were never pruned.
+#[test]
+fn outbox_entries_missing_at_the_old_end_fail_the_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let db = path.join("db");
+    let (manifest, len) = {
+        let store = Store::options().relay_cursor_poll(None).open(&path)?;
+        let name = fs::read_to_string(db.join("CURRENT"))?;
+        let manifest = db.join(name.trim());
+        let len = fs::metadata(&manifest)?.len();
+        for i in 1..=110u64 {
+            if i == 101 {
+                store.flush()?;
+            }
+            store.write(|tx| {
+                tx.put(&DOCS, &i, &doc(i))?;
+                tx.emit(Event::bytes("docs.saved", i.to_string(), vec![]))
+            })?;
+        }
+        (manifest, len)
+    };
+    assert!(
+        fs::metadata(&manifest)?.len() > len,
+        "the flush was recorded"
+    );
+    OpenOptions::new()
+        .write(true)
+        .open(&manifest)?
+        .set_len(len)?;
+    // Refused, and on the next open too: it does not heal by itself.
+    for _ in 0..2 {
+        match Store::open(&path) {
+            Err(Error::Corruption { location, reason }) => {
+                assert_eq!(location, "outbox seq 1");
+                assert!(reason.contains("1..=100 are missing"), "{reason}");
+            }
+            Err(other) => return Err(format!("expected Corruption, got {other}").into()),
+            Ok(s) => {
+                return Err(format!(
+                    "opened with outbox {}..={}",
+                    s.outbox().tail(),
+                    s.outbox().head()
+                )
+                .into());
+            }
+        }
+    }
     Ok(())
 }

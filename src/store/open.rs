@@ -155,8 +155,12 @@ impl Store {
     ///
     /// Fails with [`Error::NotAStore`] for a non-empty directory without an
     /// `OUTBOXKV` file, [`Error::UnsupportedFormat`] for a newer format and
-    /// [`Error::Locked`] when another `Store` has it open; in each case
-    /// nothing is written.
+    /// [`Error::Locked`] when another `Store` has it open, and
+    /// [`Error::Corruption`] for a database folder with data files but no
+    /// `CURRENT` file; in each case nothing is written. It also fails with
+    /// [`Error::Corruption`] when RocksDB's files are damaged, including when
+    /// the oldest outbox entries are missing although they were never pruned
+    /// (table files lost, say with the end of a MANIFEST).
     pub fn open(path: impl AsRef<Path>) -> Result<Store> {
         StoreOptions::default().open(path)
     }
@@ -375,6 +379,9 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
     };
 
     let db_path = path.join(DB_DIR);
+    if existing.is_some() {
+        check_current(&db_path)?;
+    }
     let (db_opts, cfs) = rocksdb_options(&opts);
     let db = DB::open_cf_descriptors(&db_opts, &db_path, cfs).map_err(storage("open database"))?;
 
@@ -414,9 +421,43 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
     Ok(store)
 }
 
+/// Refuses a database folder that holds data files but no `CURRENT` file:
+/// RocksDB (`create_if_missing`) would start a new, empty database there and
+/// delete the old files as obsolete. A folder with no data files is an
+/// interrupted creation and may be created again.
+fn check_current(db_path: &Path) -> Result<()> {
+    if db_path.join("CURRENT").exists() {
+        return Ok(());
+    }
+    let entries = match fs::read_dir(db_path) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("list directory", db_path, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list directory", db_path, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".sst") || name.ends_with(".log") {
+            return Err(Error::corruption(
+                db_path.display().to_string(),
+                format!(
+                    "the database has data files ({name}, ...) but no CURRENT file; \
+                     refusing to create a new database over them"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) struct Recovered {
     pub(crate) next_seq: u64,
     pub(crate) first_seq: u64,
+    /// Seq the store recorded as pruned through (0: never pruned).
+    pub(crate) pruned_through: u64,
+    /// Oldest entry present above `pruned_through`, if any.
+    pub(crate) oldest: Option<u64>,
 }
 
 pub(crate) fn decode_seq(key: &[u8]) -> Result<u64> {
@@ -455,7 +496,27 @@ fn recover(db: &DB, path: &Path, meta: &StoreMeta) -> Result<Recovered> {
                 .map_err(storage("write store id"))?;
         }
     }
-    outbox_bounds(db, path)
+    let bounds = outbox_bounds(db, path)?;
+    // Pruning deletes entries and records how far it went in one write, so
+    // every seq above `pruned_through` is present. Entries missing at the
+    // old end mean table files were lost (say, a MANIFEST that lost its
+    // tail, or a store copied while it was written): opening would hide
+    // them as "pruned", and the tables lost with them, so refuse.
+    if let Some(oldest) = bounds.oldest
+        && oldest > bounds.pruned_through + 1
+    {
+        return Err(Error::corruption(
+            format!("outbox seq {}", bounds.pruned_through + 1),
+            format!(
+                "entries {}..={} are missing but were never pruned (pruned through {}); \
+                 database files were lost or damaged",
+                bounds.pruned_through + 1,
+                oldest - 1,
+                bounds.pruned_through
+            ),
+        ));
+    }
+    Ok(bounds)
 }
 
 /// Where the outbox stands in `db`: the next seq to assign and the first
@@ -484,17 +545,20 @@ pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
         }
     };
     it.seek(pruned.saturating_add(1).to_be_bytes());
-    let first = match it.key() {
-        Some(k) => decode_seq(k)?,
+    let oldest = match it.key() {
+        Some(k) => Some(decode_seq(k)?),
         None => {
             it.status().map_err(storage("scan outbox"))?;
-            last.max(pruned) + 1
+            None
         }
     };
+    let first = oldest.unwrap_or(last.max(pruned) + 1);
     let next_seq = last.max(pruned) + 1;
     Ok(Recovered {
         next_seq,
         first_seq: first.max(pruned + 1).min(next_seq),
+        pruned_through: pruned,
+        oldest,
     })
 }
 
