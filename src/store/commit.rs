@@ -185,6 +185,9 @@ pub(crate) struct Pipeline {
     /// Group writes left before injected failures start (feature `failpoints`).
     #[cfg(feature = "failpoints")]
     pub(crate) writes_before_failure: AtomicU64,
+    /// Sleep before each fsync, in microseconds (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub(crate) fsync_delay_micros: AtomicU64,
 }
 
 /// Outcome of a successful commit.
@@ -216,6 +219,8 @@ impl Pipeline {
             fsyncs_before_failure: AtomicU64::new(u64::MAX),
             #[cfg(feature = "failpoints")]
             writes_before_failure: AtomicU64::new(u64::MAX),
+            #[cfg(feature = "failpoints")]
+            fsync_delay_micros: AtomicU64::new(0),
         }
     }
 
@@ -562,6 +567,11 @@ impl Pipeline {
         #[cfg(feature = "failpoints")]
         if failpoint(&self.fsyncs_before_failure) {
             return Err("injected fsync failure (failpoints)".to_string());
+        }
+        #[cfg(feature = "failpoints")]
+        match self.fsync_delay_micros.load(Ordering::Acquire) {
+            0 => {}
+            us => std::thread::sleep(std::time::Duration::from_micros(us)),
         }
         inner
             .db

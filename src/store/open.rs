@@ -596,4 +596,18 @@ impl Store {
             .writes_before_failure
             .store(n, std::sync::atomic::Ordering::Release);
     }
+
+    /// Slow-disk simulation for tests and benchmarks (feature `failpoints`,
+    /// not for production): every write-ahead-log fsync of a `Sync` commit
+    /// group first sleeps `delay` (on top of the real fsync), as a disk with
+    /// slower syncs would. `Duration::ZERO` turns it off. Like
+    /// [`fail_fsyncs_after`](Store::fail_fsyncs_after), only the pipelined
+    /// fsync goes through this point.
+    pub fn delay_fsyncs(&self, delay: std::time::Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.inner
+            .pipeline
+            .fsync_delay_micros
+            .store(micros, std::sync::atomic::Ordering::Release);
+    }
 }
