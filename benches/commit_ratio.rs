@@ -210,6 +210,14 @@ fn main() -> AnyResult {
     if case == "all" || case == "sync" {
         sync(rounds, scale, &next, fsync_delay)?;
     }
+    if case == "buffered1" {
+        // Only outboxkv's single-thread Buffered commits, for a profiler.
+        let dir = tempfile::tempdir()?;
+        let okv = Outboxkv::open(dir.path(), Durability::Buffered)?;
+        for _ in 0..rounds {
+            println!("{:.0} commits/s", rate(&okv, 1, 200_000 / scale, &next)?);
+        }
+    }
     if case == "sync16" {
         // Only outboxkv's 16-thread Sync commits, for a profiler.
         let dir = tempfile::tempdir()?;
