@@ -10,6 +10,8 @@ pub mod table;
 pub mod value;
 
 #[cfg(feature = "rocksdb")]
+mod checkpoint;
+#[cfg(feature = "rocksdb")]
 mod commit;
 #[cfg(feature = "rocksdb")]
 pub(crate) mod open;

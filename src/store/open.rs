@@ -25,9 +25,11 @@
 //! - `dead_letters`: original seq (8 bytes big-endian) → dead letter (see
 //!   `outbox::dead`).
 //!
-//! The write-ahead log is recovered in RocksDB's point-in-time mode: after a
-//! crash the database holds a prefix of the acknowledged commits, never a
-//! torn batch.
+//! The write-ahead log is recovered in RocksDB's
+//! `TolerateCorruptedTailRecords` mode by default (see
+//! [`WalRecovery`](crate::WalRecovery)): after a crash the database holds
+//! every acknowledged commit and never a torn batch; damage in the middle of
+//! the log fails the open.
 
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -237,7 +239,7 @@ pub(crate) fn read_meta(path: &Path) -> Result<Option<StoreMeta>> {
     }
 }
 
-fn write_meta(path: &Path, meta: &StoreMeta) -> Result<()> {
+pub(crate) fn write_meta(path: &Path, meta: &StoreMeta) -> Result<()> {
     write_file_atomic(&path.join(META_FILE), &meta.encode())
 }
 
@@ -289,7 +291,9 @@ pub(crate) fn lock(path: &Path) -> Result<File> {
     }
 }
 
-fn rocksdb_options(opts: &StoreOptions) -> (rocksdb::Options, Vec<ColumnFamilyDescriptor>) {
+pub(crate) fn rocksdb_options(
+    opts: &StoreOptions,
+) -> (rocksdb::Options, Vec<ColumnFamilyDescriptor>) {
     let mut db = rocksdb::Options::default();
     db.create_if_missing(true);
     db.create_missing_column_families(true);
