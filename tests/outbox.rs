@@ -6,7 +6,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use outboxkv::{Error, Event, Store, Table};
+use outboxkv::{Durability, Error, Event, Store, Table};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -248,5 +248,37 @@ fn long_and_short_prunes_leave_exactly_the_rest() -> TestResult {
     drop(store);
     let store = Store::open(dir.path())?;
     assert_eq!((store.outbox().tail(), store.outbox().head()), (1001, 1000));
+    Ok(())
+}
+
+#[test]
+fn durable_head_follows_the_fsyncs() -> TestResult {
+    for pipelined in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let store = Store::options()
+            .durability(Durability::Buffered)
+            .pipelined_fsync(pipelined)
+            .open(dir.path())?;
+        let outbox = store.outbox();
+        let emit = |d: Durability| {
+            store.write(|tx| {
+                tx.set_durability(d);
+                tx.emit(Event::bytes("e", "k", vec![]))
+            })
+        };
+        emit(Durability::Buffered)?;
+        emit(Durability::Buffered)?;
+        assert_eq!(outbox.durable_head(), 0, "pipelined {pipelined}");
+        // One fsync covers every commit written before it.
+        emit(Durability::Sync)?;
+        assert_eq!(outbox.durable_head(), 3, "pipelined {pipelined}");
+        emit(Durability::Buffered)?;
+        assert_eq!(outbox.durable_head(), 3);
+        outbox.make_durable(4)?;
+        assert_eq!(outbox.durable_head(), 4);
+        // Already durable: no fsync needed, nothing changes.
+        outbox.make_durable(2)?;
+        assert_eq!(outbox.durable_head(), 4);
+    }
     Ok(())
 }

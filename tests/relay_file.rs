@@ -362,3 +362,67 @@ async fn a_torn_last_line_is_cut_when_the_file_sink_opens() -> TestResult {
     assert_eq!(lines[2]["outboxseq"], 1);
     Ok(())
 }
+
+/// Records, for every entry it is handed, whether the store already had it
+/// on disk.
+struct CheckDurable {
+    outbox: outboxkv::Outbox,
+    shipped: Arc<AtomicUsize>,
+    ahead_of_disk: Arc<AtomicUsize>,
+}
+
+impl Sink for CheckDurable {
+    fn name(&self) -> &str {
+        "check-durable"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        let durable = self.outbox.durable_head();
+        for e in batch {
+            if e.seq > durable {
+                self.ahead_of_disk.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.shipped.fetch_add(batch.len(), Ordering::SeqCst);
+        Box::pin(async move { batch.iter().map(|_| Outcome::acked()).collect() })
+    }
+}
+
+/// `Buffered` commits are not on disk when they return; the relay must not
+/// hand their events to a broker before an fsync covers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_events_are_on_disk_before_the_relay_ships_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = store(&dir)?;
+    let (shipped, ahead) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let relay = Relay::builder(&store)
+        .batch_size(16)
+        .sink(CheckDurable {
+            outbox: store.outbox(),
+            shipped: shipped.clone(),
+            ahead_of_disk: ahead.clone(),
+        })
+        .start()?;
+    for i in 0..300u32 {
+        store.write(|tx| tx.emit(Event::bytes("e", "k", i.to_be_bytes().to_vec())))?;
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    relay.wait_delivered(300, Duration::from_secs(10)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    assert_eq!(shipped.load(Ordering::SeqCst), 300);
+    assert_eq!(
+        ahead.load(Ordering::SeqCst),
+        0,
+        "entries shipped ahead of the disk"
+    );
+    assert!(store.outbox().durable_head() >= 300);
+
+    // Sync commits are on disk when they return: nothing left to do.
+    store.write(|tx| {
+        tx.set_durability(outboxkv::Durability::Sync);
+        tx.emit(Event::bytes("e", "k", vec![]))
+    })?;
+    assert_eq!(store.outbox().durable_head(), 301);
+    Ok(())
+}

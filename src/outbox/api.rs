@@ -69,6 +69,38 @@ impl Outbox {
         self.store.inner.pipeline.first_seq.load(Ordering::Acquire)
     }
 
+    /// The highest seq known to be on disk: every entry up to it survives a
+    /// power loss. `Sync` commits are on disk when they return;
+    /// `Buffered` ones once a later fsync covers them (a `Sync` commit,
+    /// [`make_durable`](Outbox::make_durable), or the relay, which calls it
+    /// before it ships).
+    pub fn durable_head(&self) -> u64 {
+        self.store.inner.pipeline.durable_seq()
+    }
+
+    /// Makes every entry up to `through` durable: at once if it already is,
+    /// else with one fsync of the write-ahead log (which also covers every
+    /// other commit written so far). Call it before shipping entries you
+    /// read yourself, so that no event reaches a broker while the state
+    /// committed with it could still be lost to a power failure; the relay
+    /// does. A failed fsync poisons the store ([`Error::Poisoned`]).
+    ///
+    /// ```
+    /// use outboxkv::{Durability, Event, Store};
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = Store::options().durability(Durability::Buffered).open(dir.path())?;
+    /// store.write(|tx| tx.emit(Event::bytes("t", "k", vec![1])))?;
+    /// let outbox = store.outbox();
+    /// assert_eq!(outbox.durable_head(), 0);
+    /// outbox.make_durable(outbox.head())?;
+    /// assert_eq!(outbox.durable_head(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn make_durable(&self, through: u64) -> Result<()> {
+        let inner = &self.store.inner;
+        inner.pipeline.make_durable(inner, through)
+    }
+
     /// Number of entries in the outbox (committed, not yet pruned).
     pub fn depth(&self) -> u64 {
         (self.head() + 1).saturating_sub(self.tail())

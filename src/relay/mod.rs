@@ -55,7 +55,9 @@ use backoff::Jitter;
 /// another process. The contract:
 ///
 /// - `tail()..=head()` are the committed entries not settled yet; `read`
-///   returns them from `from` in seq order, contiguous, committed only.
+///   returns them from `from` in seq order, contiguous, committed only,
+///   and on disk when it returns (so a power loss cannot take back the
+///   state of an event the relay then ships).
 /// - `settle(through, dead)` records durably that every seq up to `through`
 ///   is delivered, except `dead`, which were dead-lettered; afterwards
 ///   `tail()` is above `through`.
@@ -81,8 +83,15 @@ impl OutboxSource for Outbox {
     fn head(&self) -> Result<u64> {
         Ok(Outbox::head(self))
     }
+    /// Reads like [`Outbox::read_limited`], then makes the entries read
+    /// durable ([`Outbox::make_durable`]): a `Buffered` commit costs the
+    /// relay one fsync per batch, and no event is shipped ahead of its state.
     fn read(&self, from: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
-        self.read_limited(from, max_entries, max_bytes)
+        let batch = self.read_limited(from, max_entries, max_bytes)?;
+        if let Some(last) = batch.last() {
+            self.make_durable(last.seq)?;
+        }
+        Ok(batch)
     }
     fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()> {
         self.complete_through(through, dead).map(|_| ())

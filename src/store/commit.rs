@@ -179,6 +179,9 @@ pub(crate) struct Pipeline {
     visible: Condvar,
     /// First seq still in the outbox (advanced by pruning).
     pub(crate) first_seq: AtomicU64,
+    /// Highest outbox seq known to be on disk (covered by an fsync). Starts
+    /// at 0: what a reopen recovered may sit in the page cache only.
+    durable_seq: AtomicU64,
     /// Fsyncs left before injected failures start (feature `failpoints`).
     #[cfg(feature = "failpoints")]
     pub(crate) fsyncs_before_failure: AtomicU64,
@@ -215,6 +218,7 @@ impl Pipeline {
             }),
             visible: Condvar::new(),
             first_seq: AtomicU64::new(first_seq),
+            durable_seq: AtomicU64::new(0),
             #[cfg(feature = "failpoints")]
             fsyncs_before_failure: AtomicU64::new(u64::MAX),
             #[cfg(feature = "failpoints")]
@@ -434,6 +438,9 @@ impl Pipeline {
                     st.visible_version = st.visible_version.max(version);
                     if let Some(seq) = written.last_seq {
                         st.written_seq = st.written_seq.max(seq);
+                        if written.synced {
+                            self.durable_seq.fetch_max(seq, Ordering::AcqRel);
+                        }
                     }
                     self.visible.notify_all();
                     Ok(version)
@@ -526,6 +533,7 @@ impl Pipeline {
             };
             let outcome = match synced {
                 Ok(()) => {
+                    self.durable_seq.fetch_max(cover_seq, Ordering::AcqRel);
                     if cover_seq > 0 {
                         inner.notifier.publish(cover_seq);
                     }
@@ -562,6 +570,38 @@ impl Pipeline {
         }
     }
 
+    /// Highest outbox seq known to be on disk.
+    pub(crate) fn durable_seq(&self) -> u64 {
+        self.durable_seq.load(Ordering::Acquire)
+    }
+
+    /// Makes every outbox entry up to `through` durable: returns at once if
+    /// an fsync already covered it, else fsyncs the write-ahead log (which
+    /// covers everything written before). A failed fsync poisons the store.
+    pub(crate) fn make_durable(&self, inner: &Inner, through: u64) -> Result<()> {
+        if self.durable_seq() >= through {
+            return Ok(());
+        }
+        let cover = {
+            let st = self.state.lock();
+            if let Some(cause) = &st.poisoned {
+                return Err(Error::Poisoned {
+                    cause: cause.clone(),
+                });
+            }
+            st.written_seq
+        };
+        match self.fsync(inner) {
+            Ok(()) => {
+                self.durable_seq.fetch_max(cover, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(cause) => Err(Error::Poisoned {
+                cause: self.fail(&mut self.state.lock(), cause),
+            }),
+        }
+    }
+
     /// Fsyncs RocksDB's write-ahead log (`SyncWAL`).
     fn fsync(&self, inner: &Inner) -> std::result::Result<(), String> {
         #[cfg(feature = "failpoints")]
@@ -586,7 +626,8 @@ impl Pipeline {
         let mut sync = group.iter().any(|p| p.sync);
         let version = group.iter().map(|p| p.version).max().unwrap_or(0);
         let last_seq = group.iter().filter_map(|p| p.last_seq).max();
-        let opts = if sync && !inner.opts.pipelined_fsync {
+        let synced = sync && !inner.opts.pipelined_fsync;
+        let opts = if synced {
             // Durable when the write returns: nothing left to fsync.
             sync = false;
             inner.write_options(Durability::Sync)
@@ -618,6 +659,7 @@ impl Pipeline {
             slots,
             last_seq,
             sync,
+            synced,
         }
     }
 }
@@ -649,6 +691,8 @@ struct Written {
     last_seq: Option<u64>,
     /// Whether the group still needs an fsync.
     sync: bool,
+    /// Whether the write itself was fsynced (`sync=true`).
+    synced: bool,
 }
 
 /// Concatenates RocksDB write batches: one header with the summed count,

@@ -20,10 +20,10 @@ pub enum Durability {
     #[default]
     Sync,
     /// The commit is in the operating system's page cache when it returns: it
-    /// survives a crash of the process, not of the machine. A relay may ship
-    /// a `Buffered` event that a power loss then erases (and, when `Sync` and
-    /// `Buffered` commits mix, a `Sync` event committed just before it whose
-    /// fsync is still running).
+    /// survives a crash of the process, not of the machine. The relay fsyncs
+    /// before it ships a `Buffered` event (one fsync per batch), so an event
+    /// never reaches the broker while a power loss could still erase it and
+    /// its state.
     Buffered,
 }
 
