@@ -176,7 +176,8 @@ struct RunArgs {
     /// Most entries per published batch (default 500).
     #[arg(long, env = "OUTBOXKV_BATCH_SIZE")]
     batch_size: Option<usize>,
-    /// Sidecar: how often to catch up with the service's writes, in ms (default 20).
+    /// Sidecar: how often to catch up with the service's writes, in ms (default 20);
+    /// on Linux it also catches up as soon as the service writes.
     #[arg(long, env = "OUTBOXKV_CATCH_UP_MS")]
     catch_up_ms: Option<u64>,
     /// Where to serve /metrics and /healthz (default 127.0.0.1:9464; `off` to disable).

@@ -1,0 +1,73 @@
+//! The sidecar wakes on the owner's log writes (Linux, inotify). Its own
+//! test binary: it counts the process's watch threads, which other tests'
+//! sidecars would add to.
+#![cfg(target_os = "linux")]
+
+use std::time::Duration;
+
+use outboxkv::relay::OutboxSource;
+use outboxkv::relay::sidecar::SidecarSource;
+use outboxkv::{Event, Store};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn commit(store: &Store, range: std::ops::Range<u8>) -> outboxkv::Result<()> {
+    for i in range {
+        store.write(|tx| tx.emit(Event::bytes("t.changed", "k", vec![i])))?;
+    }
+    Ok(())
+}
+
+/// On Linux the sidecar wakes on the owner's log writes: with a one-minute
+/// catch-up interval it still sees a commit at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_wakes_on_the_owners_writes_not_only_on_its_timer() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = Store::open(&path)?;
+    commit(&store, 0..1)?;
+    let source = SidecarSource::open(&path, Duration::from_secs(60))?;
+    assert_eq!(source.head()?, 1);
+    for round in 0..3u8 {
+        let head = source.head()?;
+        let changed = tokio::spawn(source.changed(head));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        commit(&store, round..round + 1)?;
+        tokio::time::timeout(Duration::from_secs(10), changed)
+            .await
+            .map_err(|_| format!("round {round}: no wake-up within 10 s"))??;
+        assert_eq!(source.head()?, head + 1);
+    }
+    assert_eq!(watch_threads()?, 1);
+    // Close the owner first: nothing writes to the folder any more, so only
+    // the sidecar's own shutdown can end its watching thread.
+    drop(store);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(source);
+    // Its watching thread ends with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while watch_threads()? > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watch thread outlived its sidecar"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A new sidecar can take over (the first one's lock and watch are gone).
+    let again = SidecarSource::open(&path, Duration::from_secs(60))?;
+    assert_eq!(again.head()?, 4);
+    Ok(())
+}
+
+/// Threads of this process named like the sidecar's log watcher (Linux
+/// truncates thread names to 15 bytes).
+fn watch_threads() -> std::io::Result<usize> {
+    let mut n = 0;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "outboxkv-sideca" {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
