@@ -13,6 +13,9 @@
 #       only: a restart keeps the data), starts the broker, waits until it
 #       serves and prints  127.0.0.1:PORT  (PORT 0 or absent: a free port).
 #       KEY=VALUE pairs are added to server.properties (first start only).
+#       With OUTBOXKV_KAFKA_SASL_PLAIN=USER:PASSWORD[,USER:PASSWORD...] the
+#       listener is SASL_PLAINTEXT with the PLAIN mechanism and these users
+#       (first start only; letters, digits, _ and - only).
 #   scripts/kafka.sh stop DIR
 #       stops the broker started with DIR (SIGTERM, a clean shutdown) and
 #       waits for it to exit
@@ -131,15 +134,24 @@ start)
             cport=$(free_port)
             while [ "$cport" = "$port" ]; do cport=$(free_port); done
         fi
+        proto=PLAINTEXT
+        sasl_users="${OUTBOXKV_KAFKA_SASL_PLAIN:-}"
+        if [ -n "$sasl_users" ]; then
+            proto=SASL_PLAINTEXT
+            if ! [[ "$sasl_users" =~ ^[A-Za-z0-9_-]+:[A-Za-z0-9_-]+(,[A-Za-z0-9_-]+:[A-Za-z0-9_-]+)*$ ]]; then
+                echo "error: OUTBOXKV_KAFKA_SASL_PLAIN must be USER:PASSWORD[,USER:PASSWORD...]" >&2
+                exit 2
+            fi
+        fi
         cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=$proto://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=$proto://127.0.0.1:$port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=$proto:$proto,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=$proto
 log.dirs=$dir/data
 num.partitions=1
 default.replication.factor=1
@@ -153,9 +165,21 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
 EOF
+        if [ -n "$sasl_users" ]; then
+            jaas='org.apache.kafka.common.security.plain.PlainLoginModule required username="broker" password="broker-secret" user_broker="broker-secret"'
+            IFS=',' read -ra pairs <<<"$sasl_users"
+            for pair in "${pairs[@]}"; do
+                jaas="$jaas user_${pair%%:*}=\"${pair#*:}\""
+            done
+            {
+                echo "sasl.enabled.mechanisms=PLAIN"
+                echo "sasl.mechanism.inter.broker.protocol=PLAIN"
+                echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=$jaas;"
+            } >>"$dir/server.properties"
+        fi
         for kv in "$@"; do echo "$kv" >>"$dir/server.properties"; done
     else
-        port=$(sed -n 's/^advertised.listeners=PLAINTEXT:\/\/127.0.0.1:\([0-9]*\)$/\1/p' "$dir/server.properties")
+        port=$(sed -n 's/^advertised.listeners=[A-Z_]*:\/\/127.0.0.1:\([0-9]*\)$/\1/p' "$dir/server.properties")
     fi
     port_free "$port" || { echo "error: port $port is in use" >&2; exit 1; }
     java_cmd=(java -Xms256m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true

@@ -51,11 +51,15 @@ impl Record {
 /// Reads every partition of `topic` from the beginning until `expected`
 /// records arrived and no more came for a moment (or `timeout`).
 fn read_topic(broker: &KafkaBroker, topic: &str, expected: usize) -> Result<Vec<Record>, BoxError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &broker.bootstrap)
         .set("group.id", "outboxkv-test-reader")
-        .set("enable.auto.commit", "false")
-        .create()?;
+        .set("enable.auto.commit", "false");
+    for (k, v) in &broker.client {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer = config.create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let t = metadata
         .topics()
@@ -393,5 +397,53 @@ async fn a_record_over_max_message_bytes_is_dead_lettered_with_the_broker_error(
     let records = read_topic(&broker, "docs.saved", 2)?;
     let seqs: Vec<u64> = records.iter().map(Record::seq).collect();
     assert_eq!(seqs, vec![1, 3]);
+    Ok(())
+}
+
+/// Most production clusters require a login. The relay ships through a
+/// SASL/PLAIN listener with the right password; with a wrong one the sink
+/// refuses to start with a broker error and nothing leaves the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_plain_logins_ship_and_a_wrong_password_is_refused() -> TestResult {
+    let broker = KafkaBroker::start_sasl_plain(&[("relay", "relay-secret")])?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| {
+        (0..100u8).try_for_each(|i| tx.emit(Event::bytes("orders.paid", format!("o{i}"), vec![i])))
+    })?;
+
+    let login = |password: &str| {
+        options(&broker)
+            .set("security.protocol", "SASL_PLAINTEXT")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", "relay")
+            .set("sasl.password", password)
+    };
+    match KafkaSink::connect(login("wrong").delivery_timeout(Duration::from_secs(5))).await {
+        Err(outboxkv::Error::Broker { sink, message }) => {
+            assert_eq!(sink, "kafka");
+            assert!(message.contains(&broker.bootstrap), "{message}");
+            // The cause, not only "broker transport failure".
+            assert!(
+                message.to_lowercase().contains("authentication"),
+                "{message}"
+            );
+        }
+        Err(other) => return Err(format!("expected a Broker error, got {other}").into()),
+        Ok(_) => return Err("a wrong password was accepted".into()),
+    }
+    assert_eq!(store.outbox().depth(), 100, "nothing shipped or pruned");
+
+    let relay = Relay::builder(&store)
+        .sink(KafkaSink::connect(login("relay-secret")).await?)
+        .start()?;
+    relay.wait_delivered(100, Duration::from_secs(60)).await?;
+    relay
+        .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+        .await?;
+    let records = read_topic(&broker, "orders.paid", 100)?;
+    let ids: HashSet<&str> = records.iter().map(Record::id).collect();
+    assert_eq!((records.len(), ids.len()), (100, 100), "each event once");
+    assert_eq!(store.outbox().depth(), 0);
     Ok(())
 }

@@ -70,6 +70,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -260,8 +261,35 @@ pub fn valid_topic(t: &str) -> bool {
 /// ```
 pub struct KafkaSink {
     opts: KafkaOptions,
-    producer: Mutex<Arc<FutureProducer>>,
+    producer: Mutex<Arc<SinkProducer>>,
     recovery: Mutex<Recovery>,
+    /// The client's last error report (see [`SinkContext`]).
+    last_error: LastError,
+}
+
+type SinkProducer = FutureProducer<SinkContext>;
+type LastError = Arc<Mutex<Option<String>>>;
+
+/// Logs librdkafka's error reports through `tracing` and keeps the last
+/// one: a failed login, for one, reaches the caller only this way (the
+/// request that fails meanwhile just says "broker transport failure").
+struct SinkContext {
+    last_error: LastError,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        *self.last_error.lock() = Some(format!("{error}: {reason}"));
+    }
+}
+
+impl KafkaOptions {
+    fn create_producer(&self, last_error: &LastError) -> rdkafka::error::KafkaResult<SinkProducer> {
+        self.producer_config().create_with_context(SinkContext {
+            last_error: last_error.clone(),
+        })
+    }
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -297,18 +325,35 @@ impl KafkaSink {
     /// Creates the producer and checks that a broker answers (metadata
     /// request, 10 s). Fails with [`Error::Broker`] otherwise.
     pub async fn connect(opts: KafkaOptions) -> Result<KafkaSink> {
-        let producer: FutureProducer = opts
-            .producer_config()
-            .create()
+        let last_error = LastError::default();
+        let producer = opts
+            .create_producer(&last_error)
             .map_err(|e| broker(format!("create producer for {}: {e}", opts.bootstrap)))?;
         let producer = Arc::new(producer);
         let p = producer.clone();
         let bootstrap = opts.bootstrap.clone();
+        let reported = last_error.clone();
         tokio::task::spawn_blocking(move || {
             p.client()
                 .fetch_metadata(None, Duration::from_secs(10))
                 .map(|_| ())
-                .map_err(|e| broker(format!("no Kafka broker answered at {bootstrap}: {e}")))
+                .map_err(|e| {
+                    // The client's own report (a failed login, say) is
+                    // delivered by its polling thread: give it a moment.
+                    let mut report = None;
+                    for _ in 0..10 {
+                        report = reported.lock().take();
+                        if report.is_some() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let cause = match report {
+                        Some(r) => format!("{e}; the client reported: {r}"),
+                        None => e.to_string(),
+                    };
+                    broker(format!("no Kafka broker answered at {bootstrap}: {cause}"))
+                })
         })
         .await
         .map_err(|e| broker(format!("metadata task failed: {e}")))??;
@@ -320,6 +365,7 @@ impl KafkaSink {
             opts,
             producer: Mutex::new(producer),
             recovery: Mutex::new(recovery),
+            last_error,
         })
     }
 
@@ -365,7 +411,7 @@ impl KafkaSink {
     /// for the oldest delivery in `inflight` and tries again.
     async fn send(
         &self,
-        producer: &FutureProducer,
+        producer: &SinkProducer,
         topics: &[Option<String>],
         i: usize,
         entry: &OutboxEntry,
@@ -447,7 +493,7 @@ impl KafkaSink {
     fn rebuild_if_fatal(&self) {
         let mut producer = self.producer.lock();
         if let Some((code, reason)) = producer.client().fatal_error() {
-            match self.opts.producer_config().create::<FutureProducer>() {
+            match self.opts.create_producer(&self.last_error) {
                 Ok(p) => {
                     tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; rebuilt it");
                     *producer = Arc::new(p);
@@ -756,7 +802,7 @@ impl KafkaSink {
         &self,
         batch: &[OutboxEntry],
         topics: &[Option<String>],
-        producer: &FutureProducer,
+        producer: &SinkProducer,
         outcomes: &mut [Outcome],
     ) {
         for i in 0..batch.len() {

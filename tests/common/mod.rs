@@ -83,12 +83,23 @@ fn run_start(
     ports: &[String],
     args: &[String],
 ) -> Result<String, Box<dyn std::error::Error>> {
+    run_start_env(name, dir, ports, args, &[])
+}
+
+fn run_start_env(
+    name: &str,
+    dir: &Path,
+    ports: &[String],
+    args: &[String],
+    env: &[(&str, &str)],
+) -> Result<String, Box<dyn std::error::Error>> {
     let out = Command::new("bash")
         .arg(script(name))
         .arg("start")
         .arg(dir)
         .args(ports)
         .args(args)
+        .envs(env.iter().copied())
         .output()?;
     if !out.status.success() {
         return Err(format!(
@@ -114,6 +125,8 @@ pub struct KafkaBroker {
     pub dir: tempfile::TempDir,
     /// `127.0.0.1:PORT`
     pub bootstrap: String,
+    /// Client settings a test reader needs (SASL credentials).
+    pub client: Vec<(String, String)>,
 }
 
 impl KafkaBroker {
@@ -123,7 +136,43 @@ impl KafkaBroker {
         let dir = tempfile::tempdir()?;
         let props: Vec<String> = properties.iter().map(|s| s.to_string()).collect();
         let bootstrap = run_start("kafka.sh", dir.path(), &["0".into(), "0".into()], &props)?;
-        Ok(KafkaBroker { dir, bootstrap })
+        Ok(KafkaBroker {
+            dir,
+            bootstrap,
+            client: Vec::new(),
+        })
+    }
+
+    /// Starts a broker whose listener takes SASL/PLAIN logins only: `users`
+    /// are `(user, password)`; readers log in as the first.
+    pub fn start_sasl_plain(
+        users: &[(&str, &str)],
+    ) -> Result<KafkaBroker, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let list: Vec<String> = users.iter().map(|(u, p)| format!("{u}:{p}")).collect();
+        let list = list.join(",");
+        let bootstrap = run_start_env(
+            "kafka.sh",
+            dir.path(),
+            &["0".into(), "0".into()],
+            &[],
+            &[("OUTBOXKV_KAFKA_SASL_PLAIN", &list)],
+        )?;
+        let (user, password) = users.first().ok_or("no SASL user")?;
+        let client = [
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", user),
+            ("sasl.password", password),
+        ];
+        Ok(KafkaBroker {
+            dir,
+            bootstrap,
+            client: client
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
     }
 
     /// Stops the broker (a clean shutdown).
