@@ -57,7 +57,9 @@
 //!   gaps, and become visible in that order, including across restarts.
 //! - **Durability**: [`Durability::Sync`] (default) fsyncs before returning,
 //!   sharing one fsync among concurrent committers; [`Durability::Buffered`]
-//!   survives a process crash but not a power loss.
+//!   survives a process crash but not a power loss. The relay ships only
+//!   events that are on disk (it fsyncs first when needed), so a power loss
+//!   never leaves the broker with an event whose state is gone.
 //!
 //! ## Crate features
 //!

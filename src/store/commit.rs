@@ -24,8 +24,11 @@
 //! while groups wrote meanwhile are waiting (then hands the role to one of
 //! them). Members of a `Sync` group are told "done" only after the fsync
 //! that covers it, and the commit notification that wakes the relay is
-//! published for their seqs only then too, so the relay never ships a
-//! `Sync` event that a power loss could still erase. Reads in the same
+//! published for their seqs only then too. Each fsync also raises the
+//! durable seq that the relay checks before it ships (a later `Buffered`
+//! group can move the head past a `Sync` group still waiting for its fsync;
+//! `Outbox::make_durable` then fsyncs first), so the relay never ships an
+//! event that a power loss could still erase. Reads in the same
 //! process can see a `Sync` commit up to one fsync before it is durable
 //! (like RocksDB's own `Write` followed by `SyncWAL`);
 //! [`StoreOptions::pipelined_fsync`](crate::StoreOptions::pipelined_fsync)
