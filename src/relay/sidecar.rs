@@ -202,10 +202,15 @@ impl OutboxSource for SidecarSource {
 }
 
 /// Fsyncs the owner's log for what `reader` has read and raises `durable` to
-/// the last seq it saw; returns the new durable seq.
+/// the last seq it saw; returns the new durable seq. Nothing to do (no
+/// fsync) when the reader has no entry beyond `durable`.
 fn make_durable(reader: &StoreReader, durable: &AtomicU64) -> Result<u64> {
     // Read the head first: the fsync then covers it.
     let head = reader.head()?;
+    let known = durable.load(Ordering::Acquire);
+    if head <= known {
+        return Ok(known);
+    }
     reader.sync_wal()?;
     Ok(durable.fetch_max(head, Ordering::AcqRel).max(head))
 }
