@@ -7,8 +7,7 @@ use std::path::Path;
 use rocksdb::DB;
 use rocksdb::checkpoint::Checkpoint;
 
-use super::meta::{FORMAT_VERSION, StoreMeta};
-use super::open::{CF_META, DB_DIR, META_STORE_ID, Store, rocksdb_options, storage, write_meta};
+use super::open::{DB_DIR, Store, new_meta, rocksdb_options, storage, write_meta, write_store_id};
 use crate::error::{Error, Result};
 use crate::outbox::entry::StoreId;
 
@@ -71,22 +70,13 @@ impl Store {
             .and_then(|c| c.create_checkpoint(&db_path))
             .map_err(storage("create checkpoint"))?;
 
-        let meta = StoreMeta {
-            format_version: FORMAT_VERSION,
-            store_id: StoreId::random().map_err(|e| Error::io("generate store id", dest, e))?,
-        };
+        let meta = new_meta(dest)?;
         {
             let (mut opts, cfs) = rocksdb_options(&self.inner.opts);
             opts.create_if_missing(false);
             let db = DB::open_cf_descriptors(&opts, &db_path, cfs)
                 .map_err(storage("open checkpoint"))?;
-            let cf = db.cf_handle(CF_META).ok_or_else(|| {
-                Error::corruption(db_path.display().to_string(), "meta column family missing")
-            })?;
-            let mut w = rocksdb::WriteOptions::default();
-            w.set_sync(true);
-            db.put_cf_opt(cf, META_STORE_ID, meta.store_id.0, &w)
-                .map_err(storage("write checkpoint store id"))?;
+            write_store_id(&db, dest, meta.store_id)?;
         }
         // Last: until this file exists, the copy is not a store.
         write_meta(dest, &meta)?;

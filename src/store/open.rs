@@ -120,12 +120,7 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| {
-            Error::corruption(
-                format!("database {}", self.path.display()),
-                format!("column family {name:?} is missing"),
-            )
-        })
+        column_family(&self.db, &self.path, name)
     }
 
     pub(crate) fn write_options(&self, durability: Durability) -> &WriteOptions {
@@ -373,10 +368,7 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
     let meta = match read_meta(path)? {
         Some(m) => m,
         None => {
-            let m = StoreMeta {
-                format_version: FORMAT_VERSION,
-                store_id: StoreId::random().map_err(|e| Error::io("generate store id", path, e))?,
-            };
+            let m = new_meta(path)?;
             write_meta(path, &m)?;
             m
         }
@@ -474,11 +466,36 @@ pub(crate) fn decode_seq(key: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// The column family `name` of `db`, the database of the store at `path`.
+pub(crate) fn column_family<'a>(db: &'a DB, path: &Path, name: &str) -> Result<&'a ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| {
+        Error::corruption(
+            format!("database {}", path.display()),
+            format!("column family {name:?} is missing"),
+        )
+    })
+}
+
+/// A new identity, in this build's format, for a store created at `path`.
+pub(crate) fn new_meta(path: &Path) -> Result<StoreMeta> {
+    Ok(StoreMeta {
+        format_version: FORMAT_VERSION,
+        store_id: StoreId::random().map_err(|e| Error::io("generate store id", path, e))?,
+    })
+}
+
+/// Records `id` as the store id of `db` (the store at `path`), fsynced; it
+/// must match the store's `OUTBOXKV` file when the store opens.
+pub(crate) fn write_store_id(db: &DB, path: &Path, id: StoreId) -> Result<()> {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    db.put_cf_opt(column_family(db, path, CF_META)?, META_STORE_ID, id.0, &w)
+        .map_err(storage("write store id"))
+}
+
 /// Finds where the outbox stands and checks the database belongs to `meta`.
 fn recover(db: &DB, path: &Path, meta: &StoreMeta) -> Result<Recovered> {
-    let cf_meta = db.cf_handle(CF_META).ok_or_else(|| {
-        Error::corruption(path.display().to_string(), "meta column family missing")
-    })?;
+    let cf_meta = column_family(db, path, CF_META)?;
     match db
         .get_cf(cf_meta, META_STORE_ID)
         .map_err(storage("read store id"))?
@@ -493,12 +510,7 @@ fn recover(db: &DB, path: &Path, meta: &StoreMeta) -> Result<Recovered> {
                 ),
             ));
         }
-        None => {
-            let mut w = WriteOptions::default();
-            w.set_sync(true);
-            db.put_cf_opt(cf_meta, META_STORE_ID, meta.store_id.0, &w)
-                .map_err(storage("write store id"))?;
-        }
+        None => write_store_id(db, path, meta.store_id)?,
     }
     let bounds = outbox_bounds(db, path)?;
     // Pruning deletes entries and records how far it went in one write, so
@@ -526,9 +538,7 @@ fn recover(db: &DB, path: &Path, meta: &StoreMeta) -> Result<Recovered> {
 /// Where the outbox stands in `db`: the next seq to assign and the first
 /// seq not pruned. Shared by opening a store and by read-only views of it.
 pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
-    let cf_meta = db.cf_handle(CF_META).ok_or_else(|| {
-        Error::corruption(path.display().to_string(), "meta column family missing")
-    })?;
+    let cf_meta = column_family(db, path, CF_META)?;
     let pruned = match db
         .get_cf(cf_meta, META_PRUNED_THROUGH)
         .map_err(storage("read outbox state"))?
@@ -536,9 +546,7 @@ pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
         Some(v) => decode_seq(&v)?,
         None => 0,
     };
-    let cf_outbox = db.cf_handle(CF_OUTBOX).ok_or_else(|| {
-        Error::corruption(path.display().to_string(), "outbox column family missing")
-    })?;
+    let cf_outbox = column_family(db, path, CF_OUTBOX)?;
     let mut it = db.raw_iterator_cf(cf_outbox);
     it.seek_to_last();
     let last = match it.key() {

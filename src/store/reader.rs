@@ -8,7 +8,8 @@ use rocksdb::DB;
 
 use super::meta::StoreMeta;
 use super::open::{
-    CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, outbox_bounds, read_meta, storage,
+    CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, column_family, outbox_bounds, read_meta,
+    storage,
 };
 use crate::error::{Error, Result};
 use crate::outbox::dead::DeadLetter;
@@ -105,12 +106,7 @@ impl StoreReader {
     }
 
     fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| {
-            Error::corruption(
-                self.path.display().to_string(),
-                format!("column family {name} missing"),
-            )
-        })
+        column_family(&self.db, &self.path, name)
     }
 
     /// The last committed seq (0 when nothing was ever committed).
