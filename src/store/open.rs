@@ -251,6 +251,12 @@ pub(crate) fn write_file_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io("write", &tmp, e))?;
     fs::rename(&tmp, file).map_err(|e| Error::io("rename", file, e))?;
+    sync_dir(dir)
+}
+
+/// Fsyncs the directory `dir`, so the files created or renamed in it are
+/// durable under their names.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("sync directory", dir, e))

@@ -9,7 +9,7 @@ use rocksdb::DB;
 use super::meta::StoreMeta;
 use super::open::{
     CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, column_family, outbox_bounds, read_meta,
-    storage,
+    storage, sync_dir,
 };
 use crate::error::{Error, Result};
 use crate::outbox::dead::DeadLetter;
@@ -189,9 +189,7 @@ impl StoreReader {
             }
         }
         // A log file the owner created is durable only with its folder entry.
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("fsync directory", &dir, e))
+        sync_dir(&dir)
     }
 
     /// Up to `limit` dead letters with seq `>= from`.
