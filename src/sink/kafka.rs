@@ -263,8 +263,6 @@ pub struct KafkaSink {
     opts: KafkaOptions,
     producer: Mutex<Arc<SinkProducer>>,
     recovery: Mutex<Recovery>,
-    /// The client's last error report (see [`SinkContext`]).
-    last_error: LastError,
 }
 
 type SinkProducer = FutureProducer<SinkContext>;
@@ -365,7 +363,6 @@ impl KafkaSink {
             opts,
             producer: Mutex::new(producer),
             recovery: Mutex::new(recovery),
-            last_error,
         })
     }
 
@@ -493,7 +490,8 @@ impl KafkaSink {
     fn rebuild_if_fatal(&self) {
         let mut producer = self.producer.lock();
         if let Some((code, reason)) = producer.client().fatal_error() {
-            match self.opts.create_producer(&self.last_error) {
+            // Only `connect` reads a client's reports; a rebuilt one logs them.
+            match self.opts.create_producer(&LastError::default()) {
                 Ok(p) => {
                     tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; rebuilt it");
                     *producer = Arc::new(p);
