@@ -163,17 +163,39 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A transaction stayed open past a limit of the store: it read (so it
+    /// held the conflict index's history back) for longer than
+    /// [`StoreOptions::max_transaction_age`](crate::StoreOptions::max_transaction_age),
+    /// or it was the oldest open reader when the index outgrew
+    /// [`StoreOptions::max_conflict_index_keys`](crate::StoreOptions::max_conflict_index_keys).
+    /// Its reads can no longer be validated, so its commit wrote nothing.
+    /// [`Store::write`](crate::Store::write) does not retry it: start a new
+    /// transaction, and do not hold one across slow work.
+    #[error("transaction open for {open_for:?} expired ({limit}); nothing was written")]
+    TransactionExpired {
+        /// How long the transaction had been open (since its first read).
+        open_for: std::time::Duration,
+        /// The limit it ran into: `"max_transaction_age"` or
+        /// `"max_conflict_index_keys"`.
+        limit: &'static str,
+    },
+
     /// An earlier write failed at the storage layer (for example an fsync
     /// error). After such a failure the state of the page cache is unknown, so
     /// the store refuses further writes; reads still work. Reopen the store to
-    /// recover from the write-ahead log. The commits that fail with it are
-    /// in doubt: with [`StoreOptions::pipelined_fsync`](crate::StoreOptions::pipelined_fsync)
-    /// (the default) a `Sync` commit whose fsync failed may be visible until
-    /// the reopen and may or may not survive it.
-    #[error("store is poisoned by an earlier write failure ({cause}); reopen it")]
+    /// recover from the write-ahead log.
+    ///
+    /// `outcome` says what became of the write that returned this error:
+    /// [`WriteOutcome::NotWritten`] when it was refused before anything was
+    /// written (the store was poisoned already, or the group before it
+    /// failed), [`WriteOutcome::Unknown`] when its own write or fsync failed:
+    /// it may be visible until the reopen, and may or may not survive it.
+    #[error("store is poisoned by an earlier write failure ({cause}); reopen it ({outcome})")]
     Poisoned {
         /// The first failure, as text.
         cause: String,
+        /// Whether the failed write is known not to be written.
+        outcome: WriteOutcome,
     },
 
     /// A broker (or other sink) failed in a way the caller must see, e.g.
@@ -197,6 +219,34 @@ pub enum Error {
     /// The transaction closure asked to abort with its own error. Nothing was written.
     #[error("transaction aborted: {0}")]
     Aborted(#[source] BoxError),
+}
+
+/// What became of a write that failed with [`Error::Poisoned`].
+///
+/// ```
+/// use outboxkv::{Error, WriteOutcome};
+/// fn retry_is_safe(e: &Error) -> bool {
+///     matches!(e, Error::Poisoned { outcome: WriteOutcome::NotWritten, .. })
+/// }
+/// # assert!(!retry_is_safe(&Error::Timeout("x".into())));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteOutcome {
+    /// Nothing of it was written: after a reopen it is certainly absent.
+    NotWritten,
+    /// Its write or fsync failed part-way: after a reopen it may or may not
+    /// be there (whole or not at all: commits are atomic).
+    Unknown,
+}
+
+impl std::fmt::Display for WriteOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteOutcome::NotWritten => "this write was not written",
+            WriteOutcome::Unknown => "this write's outcome is unknown",
+        })
+    }
 }
 
 impl Error {

@@ -78,6 +78,7 @@
 #[cfg(feature = "config")]
 pub mod config;
 pub mod error;
+mod invariant;
 pub mod outbox;
 #[cfg(feature = "relay")]
 pub mod relay;
@@ -85,7 +86,7 @@ pub mod relay;
 pub mod sink;
 pub mod store;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, WriteOutcome};
 pub use outbox::dead::DeadLetter;
 pub use outbox::entry::{EventId, OutboxEntry, StoreId};
 pub use outbox::event::Event;
@@ -96,4 +97,4 @@ pub use store::table::Table;
 #[cfg(feature = "rocksdb")]
 pub use outbox::{DeadLetters, HeadChanged, Outbox};
 #[cfg(feature = "rocksdb")]
-pub use store::{Batch, Committed, Range, Snapshot, Store, WriteTx};
+pub use store::{Batch, Committed, Range, Snapshot, Store, TransactionStats, WriteTx};

@@ -8,16 +8,17 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use outboxkv::{Error, Event, Store, Table};
+use outboxkv::{Error, Event, Store, Table, WriteOutcome};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const ROWS: Table<u64, u64> = Table::new("rows");
 
 /// What one writer thread saw: the ids and seqs of its acknowledged
-/// commits, then the error that stopped it.
+/// commits, then the id whose commit failed and the error.
 struct Seen {
     acked: Vec<(u64, u64)>,
+    failed: u64,
     error: Error,
 }
 
@@ -45,7 +46,7 @@ fn run_into_failure(inject: impl FnOnce(&Store)) -> TestResult {
         let (store, tx) = (store.clone(), tx.clone());
         handles.push(thread::spawn(move || {
             let mut acked = Vec::new();
-            let error = (0..)
+            let (failed, error) = (0..)
                 .map(|i| t * 1_000_000 + i)
                 .find_map(|id| {
                     let r = store.write(|w| {
@@ -57,28 +58,39 @@ fn run_into_failure(inject: impl FnOnce(&Store)) -> TestResult {
                             acked.push((id, c.seqs.start));
                             None
                         }
-                        Err(e) => Some(e),
+                        Err(e) => Some((id, e)),
                     }
                 })
-                .unwrap_or_else(|| Error::abort("unreachable"));
-            let _ = tx.send(Seen { acked, error });
+                .unwrap_or_else(|| (u64::MAX, Error::abort("unreachable")));
+            let _ = tx.send(Seen {
+                acked,
+                failed,
+                error,
+            });
         }));
     }
     drop(tx);
 
     let mut acked = Vec::new();
+    let mut not_written = Vec::new();
+    let mut unknown = 0;
     for _ in 0..THREADS {
         // A commit left waiting for an fsync that failed would hang here.
         let seen = rx
             .recv_timeout(Duration::from_secs(60))
             .map_err(|_| "a committer hung after the injected failure")?;
-        assert!(
-            matches!(&seen.error, Error::Poisoned { cause } if cause.contains("injected")),
-            "unexpected error: {:?}",
-            seen.error
-        );
+        match &seen.error {
+            Error::Poisoned { cause, outcome } if cause.contains("injected") => match outcome {
+                WriteOutcome::NotWritten => not_written.push(seen.failed),
+                _ => unknown += 1,
+            },
+            other => panic!("unexpected error: {other:?}"),
+        }
         acked.extend(seen.acked);
     }
+    // The commit(s) whose own write or fsync failed are in doubt; the
+    // others were refused (behind the failure, or after it).
+    assert!(unknown >= 1, "no commit reported its outcome as unknown");
     for h in handles {
         h.join().map_err(|_| "writer thread panicked")?;
     }
@@ -90,7 +102,33 @@ fn run_into_failure(inject: impl FnOnce(&Store)) -> TestResult {
 
     // Poisoned for good: later commits fail at once.
     let late = store.write(|w| w.put(&ROWS, &u64::MAX, &0));
-    assert!(matches!(late, Err(Error::Poisoned { .. })), "{late:?}");
+    assert!(
+        matches!(
+            late,
+            Err(Error::Poisoned {
+                outcome: WriteOutcome::NotWritten,
+                ..
+            })
+        ),
+        "{late:?}"
+    );
+    // Every other write path refuses too, and says nothing was written.
+    for (what, r) in [
+        ("flush", store.flush()),
+        ("prune", store.outbox().prune_through(1).map(|_| ())),
+        ("purge", store.outbox().dead_letters().purge(&[1])),
+    ] {
+        assert!(
+            matches!(
+                r,
+                Err(Error::Poisoned {
+                    outcome: WriteOutcome::NotWritten,
+                    ..
+                })
+            ),
+            "{what} on a poisoned store: {r:?}"
+        );
+    }
 
     // The relay was told exactly about the acknowledged commits: their seqs
     // are 1..=head, and no failed commit's seq is at or below the head.
@@ -114,6 +152,13 @@ fn run_into_failure(inject: impl FnOnce(&Store)) -> TestResult {
             store.get(&ROWS, &id)?,
             Some(id),
             "row {id} (seq {seq}) lost"
+        );
+    }
+    for &id in &not_written {
+        assert_eq!(
+            store.get(&ROWS, &id)?,
+            None,
+            "row {id} was reported as not written, but is there after the reopen"
         );
     }
     let entries = store.outbox().read(1, usize::MAX)?;

@@ -158,9 +158,7 @@ impl Outbox {
     pub fn complete_through(&self, seq: u64, dead: &[DeadLetter]) -> Result<u64> {
         let inner = &self.store.inner;
         let _guard = inner.prune_lock.lock();
-        if let Some(cause) = inner.pipeline.poisoned() {
-            return Err(Error::Poisoned { cause });
-        }
+        inner.pipeline.check_poisoned()?;
         let seq = seq.min(self.head());
         let tail = self.tail();
         if seq < tail {
@@ -196,8 +194,7 @@ impl Outbox {
             .db
             .write_opt(batch, inner.write_options(Durability::Buffered))
         {
-            inner.pipeline.poison(format!("outbox prune failed: {e}"));
-            return Err(storage("prune outbox")(e));
+            return Err(inner.pipeline.poison(format!("outbox prune failed: {e}")));
         }
         inner.pipeline.first_seq.store(seq + 1, Ordering::Release);
         Ok(seq + 1)
@@ -313,12 +310,19 @@ impl DeadLetters {
         self.write(batch)
     }
 
+    /// Writes a purge: refused on a poisoned store, and a failure poisons
+    /// it, like every other write.
     fn write(&self, batch: WriteBatch) -> Result<()> {
         let inner = &self.store.inner;
+        inner.pipeline.check_poisoned()?;
         inner
             .db
             .write_opt(batch, inner.write_options(inner.opts.durability))
-            .map_err(storage("purge dead letters"))
+            .map_err(|e| {
+                inner
+                    .pipeline
+                    .poison(format!("dead-letter purge failed: {e}"))
+            })
     }
 }
 

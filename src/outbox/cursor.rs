@@ -126,6 +126,11 @@ impl RelayCursor {
         }
         let store = StoreId(r.array()?);
         let delivered_through = r.u64()?;
+        if delivered_through > super::entry::MAX_SEQ {
+            return Err(err(format!(
+                "delivered_through {delivered_through} is beyond the highest seq a store assigns"
+            )));
+        }
         let count = r.u32()? as usize;
         if count > MAX_DEAD {
             return Err(err(format!("{count} dead entries (at most {MAX_DEAD})")));

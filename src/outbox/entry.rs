@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::event::Event;
+use crate::invariant::invariant;
 
 /// The random identity of a store, made once when the store is created and
 /// kept in its `OUTBOXKV` file. Event ids are derived from it, which makes
@@ -112,6 +113,11 @@ impl FromStr for EventId {
         })
     }
 }
+
+/// Highest seq a store assigns: far beyond any real use, and low enough
+/// that seq arithmetic (`seq + 1`, `head + 1`) cannot overflow. A seq above
+/// it read from disk or a file is reported as corruption.
+pub(crate) const MAX_SEQ: u64 = 1 << 62;
 
 /// Microseconds since the Unix epoch (0 if the clock is before it): the
 /// timestamps of entries and dead letters.
@@ -248,6 +254,20 @@ pub(crate) fn encode_parts(
     created_at_micros: u64,
     f: EntryFields<'_>,
 ) {
+    let start = encode_unchecked(out, seq, id, created_at_micros, f);
+    let crc = crc32fast::hash(&out[start + 5..]);
+    out[start + 1..start + 5].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// [`encode_parts`] without the CRC (left zero); returns where the entry
+/// starts in `out`.
+fn encode_unchecked(
+    out: &mut Vec<u8>,
+    seq: u64,
+    id: EventId,
+    created_at_micros: u64,
+    f: EntryFields<'_>,
+) -> usize {
     let start = out.len();
     out.push(ENTRY_VERSION);
     out.extend_from_slice(&[0; 4]);
@@ -264,8 +284,177 @@ pub(crate) fn encode_parts(
         put_bytes32(out, value.as_bytes());
     }
     put_bytes32(out, f.payload);
-    let crc = crc32fast::hash(&out[start + 5..]);
-    out[start + 1..start + 5].copy_from_slice(&crc.to_le_bytes());
+    start
+}
+
+/// Where, in an encoded entry, the fields start that a commit learns only
+/// once it is ordered: the seq, then (16 bytes of store id later) the event
+/// id's seq and the creation time. The CRC covers everything from `SEQ_AT`
+/// on.
+const SEQ_AT: usize = 5;
+const ID_SEQ_AT: usize = SEQ_AT + 8 + 16;
+const CREATED_AT: usize = ID_SEQ_AT + 8;
+/// End of the fixed-width fields (seq, store id, origin seq, created at).
+const FIXED_END: usize = CREATED_AT + 8;
+/// Entries whose variable part is longer than this get its CRC computed
+/// when they are encoded, and sealing combines it with the CRC of the fixed
+/// fields; shorter ones are simply checksummed whole when sealed (cheaper
+/// than a CRC combination).
+const COMBINE_ABOVE: usize = 4096;
+
+/// One entry encoded before its commit was ordered, in
+/// [`EncodedEntries::buf`]: every byte but its seq (and, for an event of
+/// this store, its event id's seq and creation time) and its CRC, which
+/// [`EncodedEntries::seal`] fills in. Large entries carry the CRC of their
+/// variable part, so sealing costs the same for a 10 MiB entry as for a
+/// small one.
+#[derive(Debug, Clone, Copy)]
+struct Unsealed {
+    start: usize,
+    len: usize,
+    /// CRC of the bytes after the fixed-width fields, for large entries.
+    rest_crc: Option<u32>,
+    /// The event is this store's own (not a replay): its id is
+    /// `(this store, seq)` and its time the commit's.
+    own: bool,
+}
+
+/// A commit's outbox entries, encoded outside the commit pipeline's lock
+/// (see `store::commit`) and sealed with their seqs once the commit is
+/// ordered.
+#[derive(Debug, Default)]
+pub(crate) struct EncodedEntries {
+    buf: Vec<u8>,
+    /// The first entry, kept inline: most commits emit one event, and need
+    /// no second allocation then.
+    first: Option<Unsealed>,
+    more: Vec<Unsealed>,
+}
+
+thread_local! {
+    /// A buffer a sealed commit gave back, for the next commit this thread
+    /// encodes (a thread that leads its own commits allocates none).
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Buffers larger than this are freed, not kept as the spare.
+const SPARE_MAX: usize = 64 << 10;
+
+impl EncodedEntries {
+    /// Encodes `events` for the store `store` (replayed events keep their
+    /// own id and time).
+    pub(crate) fn encode(events: &[Event], store: StoreId) -> Self {
+        if events.is_empty() {
+            return EncodedEntries::default();
+        }
+        let size: usize = events
+            .iter()
+            .map(|e| ENTRY_OVERHEAD + 6 * e.headers.len() + e.size())
+            .sum();
+        // `try_with`: during thread exit the spare may be gone already.
+        let mut buf = SPARE.try_with(std::cell::Cell::take).unwrap_or_default();
+        buf.clear();
+        buf.reserve(size);
+        let mut first = None;
+        let mut more = Vec::with_capacity(events.len().saturating_sub(1));
+        for event in events {
+            let (id, at, own) = match event.origin {
+                Some((id, at)) => (id, at, false),
+                None => (EventId { store, seq: 0 }, 0, true),
+            };
+            let start = encode_unchecked(&mut buf, 0, id, at, EntryFields::from(event));
+            let rest = &buf[start + FIXED_END..];
+            let entry = Unsealed {
+                start,
+                len: buf.len() - start,
+                rest_crc: (rest.len() > COMBINE_ABOVE).then(|| crc32fast::hash(rest)),
+                own,
+            };
+            if first.is_none() {
+                first = Some(entry);
+            } else {
+                more.push(entry);
+            }
+        }
+        EncodedEntries { buf, first, more }
+    }
+
+    /// Number of entries.
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    /// Gives the entries seqs `first..` (and this store's own events the
+    /// creation time `created_at_micros`), fixes their CRCs, and hands each
+    /// `(seq, bytes)` to `put`, in seq order. Call it once. `false` (no
+    /// entry handed over) if an entry lies outside the buffer, which would
+    /// be a bug: the caller must then fail the commit, not leave a hole.
+    #[must_use]
+    pub(crate) fn seal(
+        &mut self,
+        first: u64,
+        created_at_micros: u64,
+        mut put: impl FnMut(u64, &[u8]),
+    ) -> bool {
+        if self.first.is_none() {
+            return true;
+        }
+        let fits = self
+            .first
+            .iter()
+            .chain(&self.more)
+            .all(|u| u.start + u.len <= self.buf.len() && u.len >= FIXED_END);
+        invariant!(fits, "an entry lies outside its commit's buffer");
+        if !fits {
+            return false;
+        }
+        for (i, u) in self.first.iter().chain(&self.more).enumerate() {
+            let seq = first + i as u64;
+            let Some(entry) = self.buf.get_mut(u.start..u.start + u.len) else {
+                continue;
+            };
+            entry[SEQ_AT..SEQ_AT + 8].copy_from_slice(&seq.to_be_bytes());
+            if u.own {
+                entry[ID_SEQ_AT..ID_SEQ_AT + 8].copy_from_slice(&seq.to_be_bytes());
+                entry[CREATED_AT..FIXED_END].copy_from_slice(&created_at_micros.to_be_bytes());
+            }
+            let crc = match u.rest_crc {
+                None => crc32fast::hash(&entry[SEQ_AT..]),
+                Some(rest) => {
+                    let mut crc = crc32fast::Hasher::new();
+                    crc.update(&entry[SEQ_AT..FIXED_END]);
+                    crc.combine(&crc32fast::Hasher::new_with_initial_len(
+                        rest,
+                        (u.len - FIXED_END) as u64,
+                    ));
+                    crc.finalize()
+                }
+            };
+            entry[1..SEQ_AT].copy_from_slice(&crc.to_le_bytes());
+            put(seq, entry);
+        }
+        // The bytes are in the write batch now: keep the buffer for reuse
+        // (unless the thread is exiting and its spare is gone).
+        self.first = None;
+        self.more.clear();
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() <= SPARE_MAX {
+            let _ = SPARE.try_with(|spare| spare.set(buf));
+        }
+        true
+    }
+
+    /// About the bytes these events' entries add to a RocksDB write batch.
+    pub(crate) fn batch_bytes(events: &[Event]) -> usize {
+        events.iter().map(Self::entry_batch_bytes).sum()
+    }
+
+    /// About the bytes one event's entry adds to a write batch: the record
+    /// (tag, column family, two lengths), the 8-byte key and the entry.
+    pub(crate) fn entry_batch_bytes(event: &Event) -> usize {
+        const RECORD: usize = 12;
+        RECORD + 8 + ENTRY_OVERHEAD + 6 * event.headers.len() + event.size()
+    }
 }
 
 /// Why stored entry bytes are not a valid entry.
@@ -418,6 +607,34 @@ mod tests {
     }
 
     #[test]
+    fn sealed_entries_equal_entries_encoded_with_their_seq() {
+        let store = StoreId([9; 16]);
+        let replayed = Event::replay_of(sample());
+        let events = vec![
+            Event::bytes("a", "k1", vec![1, 2, 3]).with_header("h", "v"),
+            replayed,
+            Event::bytes("b", "k2", vec![7; 100_000]),
+        ];
+        let mut enc = EncodedEntries::encode(&events, store);
+        assert_eq!(enc.len(), 3);
+        let mut sealed = Vec::new();
+        assert!(enc.seal(40, 1234, |seq, bytes| sealed.push((seq, bytes.to_vec()))));
+        assert_eq!(sealed.len(), 3);
+        for (i, (seq, bytes)) in sealed.iter().enumerate() {
+            assert_eq!(*seq, 40 + i as u64);
+            let e = decode_entry(bytes).expect("a sealed entry decodes");
+            assert_eq!(e.seq, *seq);
+            let (id, at) = events[i]
+                .origin
+                .unwrap_or((EventId { store, seq: *seq }, 1234));
+            assert_eq!((e.id, e.created_at_micros), (id, at));
+            let mut plain = Vec::new();
+            encode_parts(&mut plain, *seq, id, at, EntryFields::from(&events[i]));
+            assert_eq!(bytes, &plain, "entry {i}");
+        }
+    }
+
+    #[test]
     fn every_truncation_and_bit_flip_is_an_error() {
         let bytes = sample().encode();
         for cut in 0..bytes.len() {
@@ -428,5 +645,32 @@ mod tests {
             bad[i] ^= 1;
             assert!(decode_entry(&bad).is_err(), "flip at {i}");
         }
+    }
+
+    fn spare_capacity() -> usize {
+        let v = SPARE.take();
+        let c = v.capacity();
+        SPARE.set(v);
+        c
+    }
+
+    /// Sealing a commit without events (a group member with writes only)
+    /// keeps the spare buffer the previous member gave back.
+    #[test]
+    fn sealing_an_event_less_commit_keeps_the_spare() {
+        let store = StoreId([1; 16]);
+        // Group member 1: one event.
+        let mut a = EncodedEntries::encode(&[Event::bytes("a", "k", vec![0; 1000])], store);
+        assert!(a.seal(1, 0, |_, _| {}));
+        let kept = spare_capacity();
+        assert!(kept >= 1000, "the sealed buffer became the spare");
+        // Group member 2: writes only, no events (EncodedEntries::default()).
+        let mut none = EncodedEntries::encode(&[], store);
+        assert!(none.seal(2, 0, |_, _| {}));
+        assert_eq!(
+            spare_capacity(),
+            kept,
+            "an event-less commit's empty buffer replaced the spare"
+        );
     }
 }

@@ -8,8 +8,12 @@
 
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -124,5 +128,101 @@ impl RelayMetrics {
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
+    }
+}
+
+/// Registers the store's own gauges in `registry`, read at each scrape
+/// (under the prefix `outboxkv_store`, labelled `store="<store id>"` so
+/// that several stores share a registry): `open_transactions`,
+/// `oldest_transaction_age_seconds` (0 when none is open),
+/// `conflict_index_keys` and the counter `transactions_expired`. The
+/// registry holds the store weakly: once the store is dropped they report
+/// nothing.
+///
+/// ```
+/// use prometheus_client::registry::Registry;
+/// use outboxkv::{Store, Table};
+/// const T: Table<u32, u32> = Table::new("t");
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path())?;
+/// let mut registry = Registry::default();
+/// outboxkv::relay::register_store_metrics(&mut registry, &store);
+/// let mut tx = store.begin();
+/// tx.get_for_update(&T, &1)?;
+/// let mut text = String::new();
+/// prometheus_client::encoding::text::encode(&mut text, &registry)?;
+/// let line = format!("outboxkv_store_open_transactions{{store=\"{}\"}} 1", store.id());
+/// assert!(text.contains(&line), "{text}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn register_store_metrics(registry: &mut Registry, store: &crate::Store) {
+    registry
+        .sub_registry_with_prefix("outboxkv_store")
+        .register_collector(Box::new(StoreCollector {
+            store: std::sync::Arc::downgrade(&store.inner),
+        }));
+}
+
+struct StoreCollector {
+    store: std::sync::Weak<crate::store::open::Inner>,
+}
+
+impl std::fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(inner) = self.store.upgrade() else {
+            return Ok(());
+        };
+        let store = crate::Store { inner };
+        let stats = store.transaction_stats();
+        let labels = [("store", store.id().to_string())];
+        let counts: [(&str, &str, usize); 2] = [
+            (
+                "open_transactions",
+                "Transactions that have read and not yet ended",
+                stats.open,
+            ),
+            (
+                "conflict_index_keys",
+                "Write records the conflict index holds for open transactions",
+                stats.conflict_index_keys,
+            ),
+        ];
+        for (name, help, value) in counts {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(
+                encoder
+                    .encode_descriptor(name, help, None, gauge.metric_type())?
+                    .encode_family(&labels)?,
+            )?;
+        }
+        let age = ConstGauge::new(stats.oldest_open_for.map_or(0.0, |d| d.as_secs_f64()));
+        age.encode(
+            encoder
+                .encode_descriptor(
+                    "oldest_transaction_age_seconds",
+                    "How long the oldest open transaction has been open",
+                    None,
+                    age.metric_type(),
+                )?
+                .encode_family(&labels)?,
+        )?;
+        let expired = ConstCounter::new(stats.expired);
+        expired.encode(
+            encoder
+                .encode_descriptor(
+                    "transactions_expired",
+                    "Transactions expired by max_transaction_age or max_conflict_index_keys",
+                    None,
+                    expired.metric_type(),
+                )?
+                .encode_family(&labels)?,
+        )?;
+        Ok(())
     }
 }

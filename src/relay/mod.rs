@@ -32,7 +32,7 @@ pub mod sidecar;
 mod sink;
 
 pub use backoff::Backoff;
-pub use metrics::RelayMetrics;
+pub use metrics::{RelayMetrics, register_store_metrics};
 pub use sink::{BoxFuture, Outcome, Sink};
 
 use std::collections::HashMap;

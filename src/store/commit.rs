@@ -1,14 +1,22 @@
 //! The commit pipeline: conflict detection, seq assignment and group commit.
 //!
-//! Every commit passes through one short critical section (`State`) where it
+//! A commit arrives with everything that can be done without the pipeline's
+//! lock done already: its table writes in a RocksDB batch, the hashes of
+//! its keys, and its outbox entries encoded with placeholder seqs
+//! ([`EncodedEntries`]). Then it passes through one short critical section
+//! (`State`), whose cost does not depend on the size of the commit's
+//! values or events, where it
 //!
-//! 1. is validated: each key it read with `get_for_update` must not have been
-//!    written by a commit ordered after the transaction's snapshot
-//!    (optimistic concurrency control, which makes read-modify-write
-//!    serializable);
-//! 2. gets the next commit version and a contiguous run of outbox seqs, and
-//!    has its outbox entries encoded into its batch;
+//! 1. is validated against the [conflict index](super::conflict): each key
+//!    it read with `get_for_update` must not have been written by a commit
+//!    ordered after the transaction's snapshot (optimistic concurrency
+//!    control, which makes read-modify-write serializable), and its own
+//!    writes are recorded there;
+//! 2. gets the next commit version and a contiguous run of outbox seqs;
 //! 3. is appended to the queue of ordered, not yet written commits.
+//!
+//! The leader seals each commit's entries with their seqs (a few fixed-width
+//! fields and a CRC combination per entry) when it builds the group's write.
 //!
 //! One committer at a time is the *leader*: it takes the whole queue, merges
 //! the batches into one RocksDB write (without fsync), then hands leadership
@@ -36,23 +44,28 @@
 //!
 //! A failed write poisons the store (see [`Error::Poisoned`]): after an
 //! fsync error the page cache cannot be trusted, and refusing further writes
-//! is what keeps seqs gap-free and unambiguous.
+//! is what keeps seqs gap-free and unambiguous. Every group write checks for
+//! poisoning first, so a group handed to a new leader after a failure is
+//! failed as [`WriteOutcome::NotWritten`] (a `Buffered` group whose write
+//! began before the failure was noticed is still acknowledged: it was
+//! written as if before the failure); members of a group whose write or
+//! fsync failed get [`WriteOutcome::Unknown`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasher;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rocksdb::WriteBatch;
 
+use super::conflict::{ConflictIndex, ExpiredBy, Limits, Stats, Ticket, Verdict};
 use super::open::{CF_OUTBOX, Inner};
 use super::tx::WriteSet;
 use crate::Durability;
-use crate::error::{Error, Result};
-use crate::outbox::entry::{EntryFields, EventId, encode_parts, now_micros};
-use crate::outbox::event::Event;
+use crate::error::{Error, Result, WriteOutcome};
+use crate::invariant::invariant;
+use crate::outbox::entry::{EncodedEntries, MAX_SEQ, now_micros};
 
 /// Size of a RocksDB write batch header: 8-byte sequence, 4-byte count.
 pub(crate) const BATCH_HEADER: usize = 12;
@@ -62,8 +75,6 @@ const LEADER_ROUNDS: u32 = 8;
 const SYNC_ROUNDS: u32 = 4;
 /// Times a waiting commit yields its CPU before it sleeps.
 const SPIN_YIELDS: u32 = 10;
-/// Conflict-index size above which it is trimmed while transactions are open.
-const TRIM_AT: usize = 16 * 1024;
 
 /// A key read with `get_for_update`.
 pub(crate) struct ReadRecord {
@@ -73,24 +84,63 @@ pub(crate) struct ReadRecord {
     pub render: fn(&[u8]) -> String,
 }
 
+/// A transaction registered as a reader of the conflict index. Dropping it
+/// unregisters the reader; a commit hands it to the pipeline, which
+/// validates and unregisters it under its lock. So no path (an early
+/// return, an error, a panic in a `Key` impl) leaves a reader registered.
+pub(crate) struct Registration<'p> {
+    pipeline: &'p Pipeline,
+    ticket: Option<Ticket>,
+}
+
+impl Registration<'_> {
+    fn take(&mut self) -> Option<Ticket> {
+        self.ticket.take()
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.pipeline.state.lock().conflicts.release(&ticket);
+        }
+    }
+}
+
 /// What a transaction hands to the pipeline.
 pub(crate) struct Request<'a> {
-    /// Snapshot version and reads to validate, if the transaction read.
-    pub start_version: Option<u64>,
+    /// The reader registration, if the transaction read.
+    pub reader: Option<Registration<'a>>,
+    /// Keys read with `get_for_update`, to validate.
     pub reads: &'a [ReadRecord],
+    /// The keys written (their hashes computed before the lock is taken).
     pub writes: &'a WriteSet,
+    /// The table writes.
     pub batch: WriteBatch,
-    pub events: &'a [Event],
+    /// The outbox entries, sealed with their seqs by the leader.
+    pub entries: EncodedEntries,
     pub sync: bool,
 }
 
 struct Pending {
     batch: WriteBatch,
+    entries: EncodedEntries,
+    first_seq: u64,
+    created_at: u64,
     sync: bool,
     version: u64,
     last_seq: Option<u64>,
     slot: Option<Arc<Slot>>,
 }
+
+/// Why a commit failed inside the pipeline (reported as [`Error::Poisoned`]).
+#[derive(Debug, Clone)]
+struct Failure {
+    cause: String,
+    outcome: WriteOutcome,
+}
+
+type Done = std::result::Result<(), Failure>;
 
 enum SlotState {
     Waiting,
@@ -98,7 +148,7 @@ enum SlotState {
     Lead,
     /// Become the fsyncer: fsync for the groups waiting for one.
     Sync,
-    Done(std::result::Result<(), String>),
+    Done(Done),
 }
 
 struct Slot {
@@ -132,52 +182,33 @@ struct State {
     /// Groups written and waiting for an fsync: version, members' slots.
     awaiting: Vec<(u64, Vec<Arc<Slot>>)>,
     next_seq: u64,
-    /// Hash of written key → version of the last commit that wrote it.
-    writes: HashMap<u64, u64>,
-    /// Snapshot versions of open transactions that will validate reads.
-    active: BTreeMap<u64, usize>,
+    /// What commits are validated against (see `store::conflict`).
+    conflicts: ConflictIndex,
     queue: Vec<Pending>,
     leader: bool,
     poisoned: Option<String>,
-    /// Reused buffer for encoding outbox entries.
-    scratch: Vec<u8>,
     /// Reused (empty) group vector.
     spare: Vec<Pending>,
 }
 
-impl State {
-    fn release(&mut self, start: u64) {
-        if let Some(n) = self.active.get_mut(&start) {
-            *n -= 1;
-            if *n == 0 {
-                self.active.remove(&start);
-            }
-        }
-    }
+/// Why validation refused a commit, rendered once the lock is released
+/// (rendering a key runs the caller's `Key` impl).
+enum Refused {
+    Conflict(usize),
+    Error(Error),
+}
 
-    fn trim_writes(&mut self) {
-        if self.active.is_empty() && self.queue.is_empty() {
-            // `clear` costs the map's capacity, not its length: skip it when
-            // empty, and give back what a burst of writes grew it to.
-            if !self.writes.is_empty() {
-                self.writes.clear();
-                self.writes.shrink_to(TRIM_AT);
-            }
-        } else if self.writes.len() > TRIM_AT {
-            let floor = self
-                .active
-                .keys()
-                .next()
-                .copied()
-                .unwrap_or(u64::MAX)
-                .min(self.visible_version);
-            self.writes.retain(|_, v| *v > floor);
-        }
+impl From<Error> for Refused {
+    fn from(e: Error) -> Self {
+        Refused::Error(e)
     }
 }
 
 pub(crate) struct Pipeline {
     state: Mutex<State>,
+    /// Set (after `State::poisoned`) when the store is poisoned: checked
+    /// before every group write without taking the lock.
+    poisoned: AtomicBool,
     /// Signalled when `visible_version` advances or the store is poisoned.
     visible: Condvar,
     /// First seq still in the outbox (advanced by pruning).
@@ -202,7 +233,7 @@ pub(crate) struct Assigned {
 }
 
 impl Pipeline {
-    pub(crate) fn new(next_seq: u64, first_seq: u64) -> Pipeline {
+    pub(crate) fn new(next_seq: u64, first_seq: u64, limits: Limits) -> Pipeline {
         Pipeline {
             state: Mutex::new(State {
                 version: 0,
@@ -211,14 +242,13 @@ impl Pipeline {
                 syncing: false,
                 awaiting: Vec::new(),
                 next_seq,
-                writes: HashMap::new(),
-                active: BTreeMap::new(),
+                conflicts: ConflictIndex::new(limits),
                 queue: Vec::new(),
                 leader: false,
                 poisoned: None,
-                scratch: Vec::new(),
                 spare: Vec::new(),
             }),
+            poisoned: AtomicBool::new(false),
             visible: Condvar::new(),
             first_seq: AtomicU64::new(first_seq),
             durable_seq: AtomicU64::new(0),
@@ -243,35 +273,74 @@ impl Pipeline {
         }
     }
 
-    /// Registers a transaction that will validate its reads; returns its
-    /// snapshot version. Take the RocksDB snapshot after this call.
-    pub(crate) fn begin_read(&self) -> u64 {
+    /// Registers a transaction as a reader of the conflict index, with the
+    /// visible version as its snapshot version. Take the RocksDB snapshot
+    /// after this call (it then shows at least that version).
+    pub(crate) fn begin_read(&self) -> Registration<'_> {
         let mut st = self.state.lock();
-        let v = st.visible_version;
-        *st.active.entry(v).or_insert(0) += 1;
-        v
+        let visible = st.visible_version;
+        let ticket = st.conflicts.register(visible, Instant::now());
+        Registration {
+            pipeline: self,
+            ticket: Some(ticket),
+        }
     }
 
-    /// Unregisters a transaction that ends without committing.
-    pub(crate) fn end_read(&self, start: u64) {
-        self.state.lock().release(start);
+    /// The conflict index's counters.
+    pub(crate) fn conflict_stats(&self) -> Stats {
+        self.state.lock().conflicts.stats()
     }
 
-    pub(crate) fn poisoned(&self) -> Option<String> {
-        self.state.lock().poisoned.clone()
+    /// `Err(Error::Poisoned)` (nothing written) once the store is poisoned.
+    pub(crate) fn check_poisoned(&self) -> Result<()> {
+        if !self.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.state.lock().poisoned.clone() {
+            Some(cause) => Err(Error::Poisoned {
+                cause,
+                outcome: WriteOutcome::NotWritten,
+            }),
+            None => Ok(()),
+        }
     }
 
-    /// Marks the store unusable for writes after a failure outside the
-    /// pipeline (pruning).
-    pub(crate) fn poison(&self, cause: String) {
-        self.state.lock().poisoned.get_or_insert(cause);
-        self.visible.notify_all();
+    /// Marks the store unusable for writes after a failed write outside
+    /// the pipeline (pruning, dead letters, flush); returns the error for
+    /// the caller, whose own write's outcome is unknown.
+    pub(crate) fn poison(&self, cause: String) -> Error {
+        let failure = self.fail(
+            &mut self.state.lock(),
+            Failure {
+                cause,
+                outcome: WriteOutcome::Unknown,
+            },
+        );
+        failure.into()
     }
 
     pub(crate) fn commit(&self, inner: &Inner, req: Request<'_>) -> Result<Assigned> {
-        let outbox = inner.cf(CF_OUTBOX)?;
+        let reads = req.reads;
         let mut st = self.state.lock();
-        let (pending, seqs) = self.order(inner, outbox, &mut st, req)?;
+        let (pending, seqs) = match self.order(inner, &mut st, req) {
+            Ok(ordered) => ordered,
+            Err((refused, req)) => {
+                drop(st);
+                // A refused commit's batch and entries are freed here, not
+                // under the lock.
+                drop(req);
+                return Err(match refused {
+                    Refused::Error(e) => e,
+                    Refused::Conflict(i) => {
+                        let r = &reads[i];
+                        Error::Conflict {
+                            table: r.table.to_string(),
+                            key: (r.render)(&r.key),
+                        }
+                    }
+                });
+            }
+        };
         let outcome = if !st.leader {
             st.leader = true;
             let mut group = std::mem::take(&mut st.spare);
@@ -290,14 +359,12 @@ impl Pipeline {
             drop(st);
             self.wait(inner, &slot)
         };
-        outcome
-            .map(|()| Assigned { seqs })
-            .map_err(|cause| Error::Poisoned { cause })
+        outcome.map(|()| Assigned { seqs }).map_err(Error::from)
     }
 
     /// Waits until `slot` says the commit is done, taking on the roles the
     /// pipeline hands to it meanwhile (leader, fsyncer).
-    fn wait(&self, inner: &Inner, slot: &Arc<Slot>) -> std::result::Result<(), String> {
+    fn wait(&self, inner: &Inner, slot: &Arc<Slot>) -> Done {
         // Yield a few times before sleeping: a commit is often done within
         // microseconds, and a thread that sleeps is woken late (on a VM the
         // idle CPU it would run on has to be woken through the hypervisor).
@@ -331,79 +398,89 @@ impl Pipeline {
         }
     }
 
-    /// Validates and orders one commit (under the state lock).
-    fn order(
+    /// Validates and orders one commit (under the state lock). Runs no code
+    /// of the caller's and does work proportional to the number of keys the
+    /// commit read and wrote, not to the size of its values or events. A
+    /// refused request is handed back, to be freed outside the lock (both
+    /// variants carry the request's parts by value on purpose).
+    #[allow(clippy::result_large_err)]
+    fn order<'r>(
         &self,
         inner: &Inner,
-        outbox: &rocksdb::ColumnFamily,
         st: &mut State,
-        req: Request<'_>,
-    ) -> Result<(Pending, Range<u64>)> {
-        let finish = |st: &mut State| {
-            if let Some(start) = req.start_version {
-                st.release(start);
-            }
-        };
-        if let Some(cause) = &st.poisoned {
-            let cause = cause.clone();
-            finish(st);
-            return Err(Error::Poisoned { cause });
-        }
-        if let Some(start) = req.start_version {
-            for r in req.reads {
-                if st.writes.get(&r.hash).is_some_and(|&v| v > start) {
-                    finish(st);
-                    return Err(Error::Conflict {
-                        table: r.table.to_string(),
-                        key: (r.render)(&r.key),
-                    });
+        mut req: Request<'r>,
+    ) -> std::result::Result<(Pending, Range<u64>), (Refused, Request<'r>)> {
+        // Validate, then unregister at once: every path below releases it.
+        let ticket = req.reader.as_mut().and_then(Registration::take);
+        let verdict = match &ticket {
+            Some(t) if !req.reads.is_empty() => {
+                let age = t.since.elapsed();
+                if age > inner.opts.max_transaction_age {
+                    st.conflicts.count_expired();
+                    Err(Verdict::Expired(ExpiredBy::Age))
+                } else {
+                    st.conflicts.validate(t, req.reads.iter().map(|r| r.hash))
                 }
             }
+            _ => Ok(()),
+        };
+        if let Some(t) = &ticket {
+            st.conflicts.release(t);
         }
-        let adding = req.events.len() as u64;
+        if let Some(cause) = &st.poisoned {
+            let e = Error::Poisoned {
+                cause: cause.clone(),
+                outcome: WriteOutcome::NotWritten,
+            };
+            return Err((e.into(), req));
+        }
+        match verdict {
+            Ok(()) => {}
+            Err(Verdict::Conflict(i)) => return Err((Refused::Conflict(i), req)),
+            Err(Verdict::Expired(by)) => {
+                let open_for = ticket.map(|t| t.since.elapsed()).unwrap_or_default();
+                let e = Error::TransactionExpired {
+                    open_for,
+                    limit: match by {
+                        ExpiredBy::Age => "max_transaction_age",
+                        ExpiredBy::Size => "max_conflict_index_keys",
+                    },
+                };
+                return Err((e.into(), req));
+            }
+        }
+        let adding = req.entries.len() as u64;
         if let Some(limit) = inner.opts.max_outbox_depth {
             let depth = st.next_seq - self.first_seq.load(Ordering::Acquire);
             if adding > 0 && depth + adding > limit {
-                finish(st);
-                return Err(Error::OutboxFull {
+                let e = Error::OutboxFull {
                     depth,
                     adding,
                     limit,
-                });
+                };
+                return Err((e.into(), req));
             }
         }
-        finish(st);
+        let first = st.next_seq;
+        // The last seq assigned stays at or below MAX_SEQ.
+        let Some(next) = first.checked_add(adding).filter(|&n| n <= MAX_SEQ + 1) else {
+            let e = Error::InvalidArgument(format!(
+                "outbox seqs are used up: next seq {first}, this commit adds {adding}, \
+                 the highest is {MAX_SEQ}"
+            ));
+            return Err((e.into(), req));
+        };
         st.version += 1;
         let version = st.version;
-        let first = st.next_seq;
-        st.next_seq += adding;
-        let mut batch = req.batch;
-        if adding > 0 {
-            let created = now_micros();
-            // One scratch buffer reused by every commit (we hold the lock).
-            let mut buf = std::mem::take(&mut st.scratch);
-            for (i, event) in req.events.iter().enumerate() {
-                let seq = first + i as u64;
-                let (id, at) = event.origin.unwrap_or((
-                    EventId {
-                        store: inner.meta.store_id,
-                        seq,
-                    },
-                    created,
-                ));
-                buf.clear();
-                encode_parts(&mut buf, seq, id, at, EntryFields::from(event));
-                batch.put_cf(outbox, seq.to_be_bytes(), &buf);
-            }
-            buf.clear();
-            buf.shrink_to(64 << 10);
-            st.scratch = buf;
-        }
-        for key in req.writes.keys() {
-            st.writes.insert(inner.key_hasher.hash_one(key), version);
-        }
+        st.next_seq = next;
+        st.conflicts.record(version, req.writes.hashes());
         let pending = Pending {
-            batch,
+            batch: req.batch,
+            entries: req.entries,
+            first_seq: first,
+            // Taken in commit order: entry times do not go back in seq
+            // (unless the wall clock does).
+            created_at: now_micros(),
             sync: req.sync,
             version,
             last_seq: (adding > 0).then(|| first + adding - 1),
@@ -431,14 +508,27 @@ impl Pipeline {
         let mut own = None;
         let mut rounds = 1;
         loop {
-            let mut written = Self::write_group(inner, &mut group);
+            let mut written = if self.poisoned.load(Ordering::Acquire) {
+                // A failure (say, an fsync) after this group was ordered:
+                // it is not written at all.
+                Written::refused(&mut group)
+            } else {
+                Self::write_group(inner, &mut group)
+            };
             let mut st = self.state.lock();
             if st.spare.capacity() < group.capacity() {
                 st.spare = std::mem::take(&mut group);
             }
             let outcome = match written.outcome {
                 Ok(version) => {
-                    st.visible_version = st.visible_version.max(version);
+                    // Groups are written strictly in version order.
+                    invariant!(
+                        version > st.visible_version && version <= st.version,
+                        "group version {version} written after version {} (last ordered {})",
+                        st.visible_version,
+                        st.version
+                    );
+                    st.visible_version = version;
                     if let Some(seq) = written.last_seq {
                         st.written_seq = st.written_seq.max(seq);
                         if written.synced {
@@ -448,7 +538,7 @@ impl Pipeline {
                     self.visible.notify_all();
                     Ok(version)
                 }
-                Err(cause) => Err(self.fail(&mut st, cause)),
+                Err(failure) => Err(self.fail(&mut st, failure)),
             };
             let mut failed = Vec::new();
             let mut next = None;
@@ -462,8 +552,12 @@ impl Pipeline {
             } else if let Some(slot) = st.queue.first().and_then(|p| p.slot.as_ref()) {
                 slot.set(SlotState::Lead);
             }
-            st.trim_writes();
-            let cause = st.poisoned.clone().unwrap_or_default();
+            let visible = st.visible_version;
+            st.conflicts.trim(visible, Instant::now);
+            let not_written = Failure {
+                cause: st.poisoned.clone().unwrap_or_default(),
+                outcome: WriteOutcome::NotWritten,
+            };
             let mut sync_now = None;
             if let (Ok(version), true) = (&outcome, written.sync) {
                 if own.is_none() && !has_slot {
@@ -480,21 +574,25 @@ impl Pipeline {
                     sync_now = Some(st);
                 }
             } else {
+                // Wakers run outside the lock (a waker may drop a
+                // transaction, whose registration takes the lock).
+                drop(st);
                 if let (Ok(_), Some(seq)) = (&outcome, written.last_seq) {
                     inner.notifier.publish(seq);
                 }
-                drop(st);
                 let outcome = outcome.map(|_| ());
                 own.get_or_insert(Own::Done(if has_slot { Ok(()) } else { outcome.clone() }));
                 for slot in written.slots {
                     slot.set(SlotState::Done(outcome.clone()));
                 }
             }
-            for slot in failed.into_iter().filter_map(|p| p.slot) {
-                slot.set(SlotState::Done(Err(cause.clone())));
-            }
             if let Some(st) = sync_now {
                 self.sync_loop(inner, st);
+            }
+            // After the lock is released (`sync_loop` releases it): the
+            // failed commits' batches are freed here.
+            for slot in failed.into_iter().filter_map(|p| p.slot) {
+                slot.set(SlotState::Done(Err(not_written.clone())));
             }
             match next {
                 Some(g) => {
@@ -507,15 +605,20 @@ impl Pipeline {
         own.unwrap_or(Own::Done(Ok(())))
     }
 
-    /// Poisons the store with `cause` (keeping an earlier cause) and wakes
-    /// everyone who waits on the pipeline; returns the cause to report.
-    fn fail(&self, st: &mut State, cause: String) -> String {
+    /// Poisons the store with the failure's cause (keeping an earlier
+    /// cause) and wakes everyone who waits on the pipeline; returns the
+    /// failure to report (with the first cause).
+    fn fail(&self, st: &mut State, failure: Failure) -> Failure {
         if st.poisoned.is_none() {
-            tracing::error!(%cause, "outboxkv commit failed; store is poisoned");
+            tracing::error!(cause = %failure.cause, "outboxkv write failed; store is poisoned");
         }
-        let cause = st.poisoned.get_or_insert(cause).clone();
+        let cause = st.poisoned.get_or_insert(failure.cause).clone();
+        self.poisoned.store(true, Ordering::Release);
         self.visible.notify_all();
-        cause
+        Failure {
+            cause,
+            outcome: failure.outcome,
+        }
     }
 
     /// Fsyncs the write-ahead log for the groups waiting for it. The caller
@@ -523,8 +626,8 @@ impl Pipeline {
     /// each covers every group written before it started. It repeats while
     /// groups wrote meanwhile wait (up to `SYNC_ROUNDS` fsyncs, then it hands
     /// the role to a waiting commit). After each fsync it publishes the
-    /// outbox seqs made durable (under the state lock, so before any commit
-    /// it covered is told it is done), then wakes the covered commits.
+    /// outbox seqs made durable (before any commit it covered is told it is
+    /// done), then wakes the covered commits.
     fn sync_loop<'p>(&'p self, inner: &Inner, mut st: MutexGuard<'p, State>) {
         let mut rounds = 0;
         loop {
@@ -534,15 +637,22 @@ impl Pipeline {
                 Some(cause) => Err(cause.clone()),
                 None => MutexGuard::unlocked(&mut st, || self.fsync(inner)),
             };
+            // Written, but maybe not durable: the outcome is unknown.
+            let synced = synced.map_err(|cause| Failure {
+                cause,
+                outcome: WriteOutcome::Unknown,
+            });
             let outcome = match synced {
                 Ok(()) => {
+                    invariant!(
+                        cover_seq <= st.written_seq,
+                        "durable seq {cover_seq} above the written seq {}",
+                        st.written_seq
+                    );
                     self.durable_seq.fetch_max(cover_seq, Ordering::AcqRel);
-                    if cover_seq > 0 {
-                        inner.notifier.publish(cover_seq);
-                    }
                     Ok(())
                 }
-                Err(cause) => Err(self.fail(&mut st, cause)),
+                Err(failure) => Err(self.fail(&mut st, failure)),
             };
             // Groups written during the fsync stay (unless it failed: then
             // every waiting group fails with it).
@@ -563,6 +673,11 @@ impl Pipeline {
                 st.syncing = false;
             }
             drop(st);
+            // Announce the seqs made durable before any commit the fsync
+            // covered is told it is done (outside the lock: wakers run).
+            if outcome.is_ok() && cover_seq > 0 {
+                inner.notifier.publish(cover_seq);
+            }
             for slot in done.into_iter().flat_map(|(_, slots)| slots) {
                 slot.set(SlotState::Done(outcome.clone()));
             }
@@ -590,6 +705,7 @@ impl Pipeline {
             if let Some(cause) = &st.poisoned {
                 return Err(Error::Poisoned {
                     cause: cause.clone(),
+                    outcome: WriteOutcome::NotWritten,
                 });
             }
             st.written_seq
@@ -599,9 +715,7 @@ impl Pipeline {
                 self.durable_seq.fetch_max(cover, Ordering::AcqRel);
                 Ok(())
             }
-            Err(cause) => Err(Error::Poisoned {
-                cause: self.fail(&mut self.state.lock(), cause),
-            }),
+            Err(cause) => Err(self.poison(cause)),
         }
     }
 
@@ -626,6 +740,36 @@ impl Pipeline {
     /// asked for `Sync` and the fsync is not pipelined
     /// ([`StoreOptions::pipelined_fsync`](crate::StoreOptions::pipelined_fsync)).
     fn write_group(inner: &Inner, group: &mut Vec<Pending>) -> Written {
+        if group.iter().any(|p| p.entries.len() > 0) {
+            let outbox = match inner.cf(CF_OUTBOX) {
+                Ok(cf) => cf,
+                Err(e) => {
+                    return Written::failed(
+                        group,
+                        Failure {
+                            cause: format!("commit write failed: {e}"),
+                            outcome: WriteOutcome::NotWritten,
+                        },
+                    );
+                }
+            };
+            for p in group.iter_mut() {
+                let batch = &mut p.batch;
+                let sealed = p.entries.seal(p.first_seq, p.created_at, |seq, bytes| {
+                    batch.put_cf(outbox, seq.to_be_bytes(), bytes);
+                });
+                if !sealed {
+                    return Written::failed(
+                        group,
+                        Failure {
+                            cause: "commit write failed: an outbox entry could not be sealed"
+                                .into(),
+                            outcome: WriteOutcome::NotWritten,
+                        },
+                    );
+                }
+            }
+        }
         let mut sync = group.iter().any(|p| p.sync);
         let version = group.iter().map(|p| p.version).max().unwrap_or(0);
         let last_seq = group.iter().filter_map(|p| p.last_seq).max();
@@ -658,7 +802,11 @@ impl Pipeline {
             None => Ok(()),
         };
         Written {
-            outcome: written.map(|()| version),
+            // A write that failed may have reached the log in part or whole.
+            outcome: written.map(|()| version).map_err(|cause| Failure {
+                cause,
+                outcome: WriteOutcome::Unknown,
+            }),
             slots,
             last_seq,
             sync,
@@ -679,7 +827,7 @@ fn failpoint(left: &AtomicU64) -> bool {
 /// The caller's own commit, as [`Pipeline::lead`] leaves it.
 enum Own {
     /// Its result.
-    Done(std::result::Result<(), String>),
+    Done(Done),
     /// Its result will be set on this slot (after an fsync).
     Wait(Arc<Slot>),
 }
@@ -687,7 +835,7 @@ enum Own {
 /// What [`Pipeline::write_group`] did.
 struct Written {
     /// The group's highest version, or why the write failed.
-    outcome: std::result::Result<u64, String>,
+    outcome: std::result::Result<u64, Failure>,
     /// The members' wake-up slots (the leader has none).
     slots: Vec<Arc<Slot>>,
     /// The group's last outbox seq, if it emitted events.
@@ -696,6 +844,38 @@ struct Written {
     sync: bool,
     /// Whether the write itself was fsynced (`sync=true`).
     synced: bool,
+}
+
+impl Written {
+    /// A group that is not written because the store is poisoned.
+    fn refused(group: &mut Vec<Pending>) -> Written {
+        Written::failed(
+            group,
+            Failure {
+                cause: String::new(),
+                outcome: WriteOutcome::NotWritten,
+            },
+        )
+    }
+
+    fn failed(group: &mut Vec<Pending>, failure: Failure) -> Written {
+        Written {
+            outcome: Err(failure),
+            slots: group.drain(..).filter_map(|p| p.slot).collect(),
+            last_seq: None,
+            sync: false,
+            synced: false,
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        Error::Poisoned {
+            cause: f.cause,
+            outcome: f.outcome,
+        }
+    }
 }
 
 /// Concatenates RocksDB write batches: one header with the summed count,

@@ -14,6 +14,8 @@ mod checkpoint;
 #[cfg(feature = "rocksdb")]
 mod commit;
 #[cfg(feature = "rocksdb")]
+mod conflict;
+#[cfg(feature = "rocksdb")]
 pub(crate) mod open;
 #[cfg(feature = "rocksdb")]
 mod read;
@@ -31,4 +33,4 @@ pub use read::{Range, Snapshot};
 #[cfg(feature = "rocksdb")]
 pub use reader::StoreReader;
 #[cfg(feature = "rocksdb")]
-pub use tx::{Batch, Committed, WriteTx};
+pub use tx::{Batch, Committed, TransactionStats, WriteTx};

@@ -44,10 +44,11 @@ use rocksdb::{
 };
 
 use super::commit::Pipeline;
+use super::conflict::Limits;
 use super::meta::{FORMAT_VERSION, META_FILE, MetaError, StoreMeta};
 use super::options::{Durability, StoreOptions, WalRecovery};
 use crate::error::{Error, Result};
-use crate::outbox::entry::StoreId;
+use crate::outbox::entry::{MAX_SEQ, StoreId};
 use crate::outbox::notify::Notifier;
 
 pub(crate) const CF_TABLES: &str = "tables";
@@ -184,16 +185,22 @@ impl Store {
 
     /// Flushes memtables to SST files and syncs the write-ahead log, so that a
     /// reopen replays little. Not needed for durability.
+    ///
+    /// Fails with [`Error::Poisoned`] on a poisoned store, and poisons the
+    /// store when a flush fails (the files' state is then unknown).
     pub fn flush(&self) -> Result<()> {
-        self.inner
-            .db
-            .flush_wal(true)
-            .map_err(storage("flush WAL"))?;
+        let inner = &self.inner;
+        inner.pipeline.check_poisoned()?;
+        inner.db.flush_wal(true).map_err(|e| {
+            inner
+                .pipeline
+                .poison(format!("write-ahead log fsync failed: {e}"))
+        })?;
         for cf in [CF_TABLES, CF_OUTBOX, CF_META, CF_DEAD] {
-            self.inner
+            inner
                 .db
-                .flush_cf(self.inner.cf(cf)?)
-                .map_err(storage("flush"))?;
+                .flush_cf(inner.cf(cf)?)
+                .map_err(|e| inner.pipeline.poison(format!("memtable flush failed: {e}")))?;
         }
         Ok(())
     }
@@ -404,7 +411,14 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
         db,
         path: path.to_path_buf(),
         meta,
-        pipeline: Pipeline::new(recovered.next_seq, recovered.first_seq),
+        pipeline: Pipeline::new(
+            recovered.next_seq,
+            recovered.first_seq,
+            Limits {
+                max_age: opts.max_transaction_age,
+                max_records: opts.max_conflict_index_keys,
+            },
+        ),
         notifier: Notifier::new(recovered.next_seq - 1),
         opts,
         key_hasher: RandomState::new(),
@@ -562,7 +576,20 @@ pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
             0
         }
     };
-    it.seek(pruned.saturating_add(1).to_be_bytes());
+    // Seqs read from disk are checked before any arithmetic: a damaged
+    // `u64::MAX` must be reported, not wrap around.
+    for (what, seq) in [
+        ("last outbox entry", last),
+        ("outbox.pruned_through", pruned),
+    ] {
+        if seq > MAX_SEQ {
+            return Err(Error::corruption(
+                format!("database {} ({what})", path.display()),
+                format!("seq {seq} is beyond the highest seq a store assigns ({MAX_SEQ})"),
+            ));
+        }
+    }
+    it.seek((pruned + 1).to_be_bytes());
     let oldest = match it.key() {
         Some(k) => Some(decode_seq(k)?),
         None => {
@@ -570,8 +597,8 @@ pub(crate) fn outbox_bounds(db: &DB, path: &Path) -> Result<Recovered> {
             None
         }
     };
-    let first = oldest.unwrap_or(last.max(pruned) + 1);
     let next_seq = last.max(pruned) + 1;
+    let first = oldest.unwrap_or(next_seq);
     Ok(Recovered {
         next_seq,
         first_seq: first.max(pruned + 1).min(next_seq),

@@ -60,6 +60,12 @@ pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 << 20;
 pub const DEFAULT_MAX_EVENT_SIZE: usize = 1 << 20;
 /// Default for [`StoreOptions::max_conflict_retries`].
 pub const DEFAULT_MAX_CONFLICT_RETRIES: u32 = 16;
+/// Default for [`StoreOptions::max_transaction_age`]: 30 s.
+pub const DEFAULT_MAX_TRANSACTION_AGE: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default for [`StoreOptions::max_conflict_index_keys`]: 1,048,576.
+pub const DEFAULT_MAX_CONFLICT_INDEX_KEYS: usize = 1 << 20;
+/// Default for [`StoreOptions::max_transaction_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_TRANSACTION_BYTES: usize = 64 << 20;
 
 /// Options for opening a [`Store`](crate::Store); get one from
 /// [`Store::options`](crate::Store::options). Every setter documents its default.
@@ -89,6 +95,9 @@ pub struct StoreOptions {
     pub(crate) relay_cursor_poll: Option<std::time::Duration>,
     pub(crate) wal_recovery: WalRecovery,
     pub(crate) pipelined_fsync: bool,
+    pub(crate) max_transaction_age: std::time::Duration,
+    pub(crate) max_conflict_index_keys: usize,
+    pub(crate) max_transaction_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -105,6 +114,9 @@ impl Default for StoreOptions {
             relay_cursor_poll: Some(std::time::Duration::from_millis(100)),
             wal_recovery: WalRecovery::default(),
             pipelined_fsync: true,
+            max_transaction_age: DEFAULT_MAX_TRANSACTION_AGE,
+            max_conflict_index_keys: DEFAULT_MAX_CONFLICT_INDEX_KEYS,
+            max_transaction_bytes: DEFAULT_MAX_TRANSACTION_BYTES,
         }
     }
 }
@@ -160,6 +172,39 @@ impl StoreOptions {
     /// [`Error::Conflict`](crate::Error::Conflict). Default: 16.
     pub fn max_conflict_retries(mut self, retries: u32) -> Self {
         self.max_conflict_retries = retries;
+        self
+    }
+
+    /// How long a transaction may stay open, from its first read to its
+    /// commit, and still commit with reads to validate. An open transaction
+    /// that read keeps the history of later writes in memory (the conflict
+    /// index) until it ends; past this age its commit fails with
+    /// [`Error::TransactionExpired`](crate::Error::TransactionExpired) and
+    /// writes nothing, and the history it held is released. A transaction
+    /// with no `get_for_update` / `contains_for_update` reads has nothing to
+    /// validate and is not limited. [`Store::transaction_stats`](crate::Store::transaction_stats)
+    /// reports the oldest open transaction. Default: 30 s.
+    pub fn max_transaction_age(mut self, age: std::time::Duration) -> Self {
+        self.max_transaction_age = age;
+        self
+    }
+
+    /// Most write records (one per key written by a commit) the conflict
+    /// index holds for open transactions; each takes about 40 bytes. Over
+    /// it, the oldest open transactions are expired (their commits fail with
+    /// [`Error::TransactionExpired`](crate::Error::TransactionExpired)) until
+    /// the index fits again; records of commits not yet written are never
+    /// dropped. Default: 1,048,576 (about 40 MiB).
+    pub fn max_conflict_index_keys(mut self, keys: usize) -> Self {
+        self.max_conflict_index_keys = keys;
+        self
+    }
+
+    /// Largest commit (keys, values and encoded events together, in bytes);
+    /// a larger one fails with [`Error::TooLarge`](crate::Error::TooLarge)
+    /// and writes nothing. Default: 64 MiB.
+    pub fn max_transaction_bytes(mut self, bytes: usize) -> Self {
+        self.max_transaction_bytes = bytes;
         self
     }
 

@@ -8,7 +8,7 @@ use rocksdb::{DB, SnapshotWithThreadMode, WriteBatch};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::commit::{BATCH_HEADER, ReadRecord, Request};
+use super::commit::{BATCH_HEADER, ReadRecord, Registration, Request};
 use super::key::{Key, render};
 use super::open::{CF_DEAD, CF_TABLES, Store};
 use super::options::Durability;
@@ -16,7 +16,7 @@ use super::read::{Snapshot, decode_stored};
 use super::table::{Table, full_key};
 use super::value::encode_value;
 use crate::error::{Error, Result};
-use crate::outbox::entry::{ENTRY_OVERHEAD, EventId, StoreId};
+use crate::outbox::entry::{EncodedEntries, EventId, StoreId};
 use crate::outbox::event::Event;
 
 /// What a successful commit returns: the closure's value and the outbox seqs
@@ -70,14 +70,16 @@ impl<T> Committed<T> {
 /// also read stay linear.
 #[derive(Default)]
 pub(crate) struct WriteSet {
-    entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Full key, encoded value (`None`: a delete), and the key's hash in
+    /// the conflict index (taken here, outside the pipeline's lock).
+    entries: Vec<(Vec<u8>, Option<Vec<u8>>, u64)>,
     index: Option<HashMap<Vec<u8>, usize>>,
 }
 
 impl WriteSet {
     const INDEX_AT: usize = 32;
 
-    fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+    fn insert(&mut self, key: Vec<u8>, value: Option<Vec<u8>>, hash: u64) {
         let at = self.entries.len();
         match &mut self.index {
             Some(index) => {
@@ -88,14 +90,14 @@ impl WriteSet {
                     .entries
                     .iter()
                     .enumerate()
-                    .map(|(i, (k, _))| (k.clone(), i))
+                    .map(|(i, (k, _, _))| (k.clone(), i))
                     .collect();
                 index.insert(key.clone(), at);
                 self.index = Some(index);
             }
             None => {}
         }
-        self.entries.push((key, value));
+        self.entries.push((key, value, hash));
     }
 
     /// The last write of `key`: `Some(None)` for a delete.
@@ -104,13 +106,13 @@ impl WriteSet {
             Some(index) => index
                 .get(key)
                 .and_then(|&i| self.entries.get(i))
-                .map(|(_, v)| v),
+                .map(|(_, v, _)| v),
             None => self
                 .entries
                 .iter()
                 .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v),
+                .find(|(k, _, _)| k == key)
+                .map(|(_, v, _)| v),
         }
     }
 
@@ -118,8 +120,9 @@ impl WriteSet {
         self.entries.len()
     }
 
-    pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
-        self.entries.iter().map(|(k, _)| k.as_slice())
+    /// The conflict-index hashes of the keys written.
+    pub(crate) fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries.iter().map(|&(_, _, h)| h)
     }
 }
 
@@ -178,13 +181,15 @@ impl<'s> Staged<'s> {
                 limit,
             });
         }
-        self.writes.insert(full, Some(bytes));
+        let hash = self.store.inner.key_hasher.hash_one(&full);
+        self.writes.insert(full, Some(bytes), hash);
         Ok(())
     }
 
     fn delete<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, key: &K) -> Result<()> {
         let full = self.key(table, key)?;
-        self.writes.insert(full, None);
+        let hash = self.store.inner.key_hasher.hash_one(&full);
+        self.writes.insert(full, None, hash);
         Ok(())
     }
 
@@ -203,53 +208,60 @@ impl<'s> Staged<'s> {
             .writes
             .entries
             .iter()
-            .map(|(k, v)| RECORD + k.len() + v.as_ref().map_or(0, Vec::len))
+            .map(|(k, v, _)| RECORD + k.len() + v.as_ref().map_or(0, Vec::len))
             .sum();
-        let events: usize = self
-            .events
-            .iter()
-            .map(|e| RECORD + 8 + ENTRY_OVERHEAD + 6 * e.headers.len() + e.size())
-            .sum();
-        BATCH_HEADER + writes + events
+        BATCH_HEADER + writes + EncodedEntries::batch_bytes(&self.events)
     }
 
-    fn commit(self, start_version: Option<u64>, reads: &[ReadRecord]) -> Result<Committed<()>> {
+    /// Commits the staged writes and events. Everything that depends only
+    /// on them (the batch, key hashes, encoded entries) is done here, before
+    /// the pipeline's lock is taken. `reader` (the transaction's
+    /// registration, if it read) is released on every path, including
+    /// errors here.
+    fn commit(
+        self,
+        reader: Option<Registration<'s>>,
+        reads: &[ReadRecord],
+    ) -> Result<Committed<()>> {
         let inner = &self.store.inner;
         let store = inner.meta.store_id;
         if self.writes.len() == 0 && self.events.is_empty() {
-            if let Some(start) = start_version {
-                inner.pipeline.end_read(start);
-            }
             return Ok(Committed {
                 value: (),
                 seqs: 0..0,
                 store,
             });
         }
-        let tables = match inner.cf(CF_TABLES) {
-            Ok(cf) => cf,
-            Err(e) => {
-                if let Some(start) = start_version {
-                    inner.pipeline.end_read(start);
-                }
-                return Err(e);
-            }
-        };
-        let mut batch = WriteBatch::with_capacity_bytes(self.batch_bytes());
-        for (key, value) in &self.writes.entries {
+        let size = self.batch_bytes();
+        if size > inner.opts.max_transaction_bytes {
+            return Err(Error::TooLarge {
+                what: "transaction",
+                location: format!(
+                    "{} writes and {} events in one commit",
+                    self.writes.len(),
+                    self.events.len()
+                ),
+                size,
+                limit: inner.opts.max_transaction_bytes,
+            });
+        }
+        let tables = inner.cf(CF_TABLES)?;
+        let mut batch = WriteBatch::with_capacity_bytes(size);
+        for (key, value, _) in &self.writes.entries {
             match value {
                 Some(v) => batch.put_cf(tables, key, v),
                 None => batch.delete_cf(tables, key),
             }
         }
+        let entries = EncodedEntries::encode(&self.events, store);
         let assigned = inner.pipeline.commit(
             inner,
             Request {
-                start_version,
+                reader,
                 reads,
                 writes: &self.writes,
                 batch,
-                events: &self.events,
+                entries,
                 sync: self.durability == Durability::Sync,
             },
         )?;
@@ -274,6 +286,13 @@ impl<'s> Staged<'s> {
 ///
 /// Dropping a transaction without committing discards it.
 ///
+/// A transaction that has read holds the history of later commits in
+/// memory until it ends, so keep it short: one with writes and validated
+/// reads that stays open longer than
+/// [`StoreOptions::max_transaction_age`](crate::StoreOptions::max_transaction_age)
+/// (default 30 s) fails to commit with [`Error::TransactionExpired`] (a
+/// read-only one has nothing to commit, and still succeeds).
+///
 /// [`get_for_update`]: WriteTx::get_for_update
 /// [`get`]: WriteTx::get
 ///
@@ -296,7 +315,9 @@ impl<'s> Staged<'s> {
 /// ```
 pub struct WriteTx<'s> {
     staged: Staged<'s>,
-    view: Option<(SnapshotWithThreadMode<'s, DB>, u64)>,
+    /// The snapshot (taken at the first read) and the registration that
+    /// validation needs; dropping the transaction releases both.
+    view: Option<(SnapshotWithThreadMode<'s, DB>, Registration<'s>)>,
     reads: Vec<ReadRecord>,
 }
 
@@ -322,10 +343,22 @@ impl<'s> WriteTx<'s> {
     fn snapshot(&mut self) -> Snapshot<'_> {
         let store = self.staged.store;
         let (snap, _) = self.view.get_or_insert_with(|| {
-            let start = store.inner.pipeline.begin_read();
-            (store.inner.db.snapshot(), start)
+            // Register first: the snapshot then shows at least the version
+            // the registration validates from.
+            let reader = store.inner.pipeline.begin_read();
+            (store.inner.db.snapshot(), reader)
         });
         Snapshot::borrowed(&store.inner, snap)
+    }
+
+    fn track<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, full: &[u8]) {
+        let inner = &self.staged.store.inner;
+        self.reads.push(ReadRecord {
+            hash: inner.key_hasher.hash_one(full),
+            table: table.name(),
+            key: full[table.name().len() + 1..].to_vec(),
+            render: render::<K>,
+        });
     }
 
     fn read<K: Key + ?Sized, V: DeserializeOwned>(
@@ -336,13 +369,7 @@ impl<'s> WriteTx<'s> {
     ) -> Result<Option<V>> {
         let full = full_key(table, key)?;
         if track {
-            let inner = &self.staged.store.inner;
-            self.reads.push(ReadRecord {
-                hash: inner.key_hasher.hash_one(&full),
-                table: table.name(),
-                key: full[table.name().len() + 1..].to_vec(),
-                render: render::<K>,
-            });
+            self.track(table, &full);
         }
         if let Some(own) = self.staged.writes.get(&full) {
             return match own {
@@ -374,9 +401,53 @@ impl<'s> WriteTx<'s> {
         self.read(table, key, true)
     }
 
-    /// Whether the key exists at the snapshot (or in the transaction's own writes).
+    /// Whether the key exists at the snapshot (or in the transaction's own
+    /// writes). Not validated at commit (snapshot isolation): for
+    /// insert-if-absent use [`contains_for_update`](WriteTx::contains_for_update).
     pub fn contains<K: Key + ?Sized, V>(&mut self, table: &Table<K, V>, key: &K) -> Result<bool> {
+        self.exists(table, key, false)
+    }
+
+    /// Whether the key exists, like [`contains`](WriteTx::contains), and
+    /// records the read like [`get_for_update`](WriteTx::get_for_update): if
+    /// another transaction writes or deletes the key before this one
+    /// commits, the commit fails with [`Error::Conflict`]. That makes
+    /// insert-if-absent safe: of two transactions that both find a key
+    /// absent and insert it, one commits and the other conflicts.
+    ///
+    /// ```
+    /// use outboxkv::{Error, Store, Table};
+    /// const USERS: Table<str, u64> = Table::new("users");
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Store::open(dir.path())?;
+    /// let mut a = store.begin();
+    /// let mut b = store.begin();
+    /// assert!(!a.contains_for_update(&USERS, "ada")?);
+    /// assert!(!b.contains_for_update(&USERS, "ada")?);
+    /// a.put(&USERS, "ada", &1)?;
+    /// b.put(&USERS, "ada", &2)?;
+    /// a.commit()?;
+    /// assert!(matches!(b.commit(), Err(Error::Conflict { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn contains_for_update<K: Key + ?Sized, V>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+    ) -> Result<bool> {
+        self.exists(table, key, true)
+    }
+
+    fn exists<K: Key + ?Sized, V>(
+        &mut self,
+        table: &Table<K, V>,
+        key: &K,
+        track: bool,
+    ) -> Result<bool> {
         let full = full_key(table, key)?;
+        if track {
+            self.track(table, &full);
+        }
         if let Some(own) = self.staged.writes.get(&full) {
             return Ok(own.is_some());
         }
@@ -414,22 +485,23 @@ impl<'s> WriteTx<'s> {
     /// Commits atomically: every write and every event, or nothing. Fails
     /// with [`Error::Conflict`] when a key read with `get_for_update` changed
     /// meanwhile (not retried here; [`Store::write`] retries).
-    pub fn commit(mut self) -> Result<Committed<()>> {
-        let view = self.view.take();
-        let start = view.as_ref().map(|(_, v)| *v);
-        let reads = std::mem::take(&mut self.reads);
-        let store = self.staged.store;
-        let staged = std::mem::replace(&mut self.staged, Staged::new(store));
-        drop(view);
-        staged.commit(start, &reads)
-    }
-}
-
-impl Drop for WriteTx<'_> {
-    fn drop(&mut self) {
-        if let Some((_, start)) = self.view.take() {
-            self.staged.store.inner.pipeline.end_read(start);
-        }
+    ///
+    /// Fails with [`Error::TransactionExpired`] when the transaction read
+    /// keys to validate and stayed open past the store's limits, and with
+    /// [`Error::TooLarge`] past
+    /// [`max_transaction_bytes`](crate::StoreOptions::max_transaction_bytes).
+    pub fn commit(self) -> Result<Committed<()>> {
+        let WriteTx {
+            staged,
+            view,
+            reads,
+        } = self;
+        // The RocksDB snapshot is not needed any more; the registration is.
+        let reader = view.map(|(snapshot, reader)| {
+            drop(snapshot);
+            reader
+        });
+        staged.commit(reader, &reads)
     }
 }
 
@@ -493,12 +565,65 @@ impl<'s> Batch<'s> {
     }
 }
 
+/// The open transactions of a store, as [`Store::transaction_stats`]
+/// reports them: for a gauge of the oldest open transaction, and to see
+/// what holds the conflict index's memory.
+///
+/// ```
+/// use outboxkv::{Store, Table};
+/// const T: Table<u32, u32> = Table::new("t");
+/// let dir = tempfile::tempdir()?;
+/// let store = Store::open(dir.path())?;
+/// let mut tx = store.begin();
+/// tx.get_for_update(&T, &1)?;
+/// let stats = store.transaction_stats();
+/// assert_eq!(stats.open, 1);
+/// assert!(stats.oldest_open_for.is_some());
+/// drop(tx);
+/// assert_eq!(store.transaction_stats().open, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TransactionStats {
+    /// Transactions that have read and not yet ended, expired ones
+    /// included (up to 4,096 of those).
+    pub open: usize,
+    /// How long the oldest of them has been open (since its first read).
+    pub oldest_open_for: Option<std::time::Duration>,
+    /// Write records the conflict index holds for them (see
+    /// [`StoreOptions::max_conflict_index_keys`](crate::StoreOptions::max_conflict_index_keys)).
+    pub conflict_index_keys: usize,
+    /// Transactions expired since the store was opened.
+    pub expired: u64,
+}
+
+impl Store {
+    /// The store's open transactions: how many, the age of the oldest, and
+    /// what they hold.
+    pub fn transaction_stats(&self) -> TransactionStats {
+        let s = self.inner.pipeline.conflict_stats();
+        TransactionStats {
+            open: s.readers,
+            oldest_open_for: s.oldest.map(|t| t.elapsed()),
+            conflict_index_keys: s.records,
+            expired: s.expired,
+        }
+    }
+}
+
 impl Store {
     /// Runs `f` in a transaction and commits it atomically, retrying the
     /// whole closure (up to `max_conflict_retries` times) when the commit
-    /// conflicts with a concurrent one. `f` may run more than once: keep side
-    /// effects out of it. An error returned by `f` aborts the transaction and
-    /// is returned as is (wrap your own errors with [`Error::abort`]).
+    /// conflicts with a concurrent one, or was expired because the conflict
+    /// index outgrew
+    /// [`max_conflict_index_keys`](crate::StoreOptions::max_conflict_index_keys)
+    /// while it was open (a bulk commit beside it, not its own fault); a
+    /// transaction that outlived
+    /// [`max_transaction_age`](crate::StoreOptions::max_transaction_age) is
+    /// not retried. `f` may run more than once: keep side effects out of
+    /// it. An error returned by `f` aborts the transaction and is returned
+    /// as is (wrap your own errors with [`Error::abort`]).
     pub fn write<T, F>(&self, mut f: F) -> Result<Committed<T>>
     where
         F: FnMut(&mut WriteTx<'_>) -> Result<T>,
@@ -513,6 +638,12 @@ impl Store {
                     attempt += 1;
                     // Retry on a snapshot that includes the conflicting write.
                     self.inner.pipeline.wait_visible();
+                }
+                Err(Error::TransactionExpired {
+                    limit: "max_conflict_index_keys",
+                    ..
+                }) if attempt < self.inner.opts.max_conflict_retries => {
+                    attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
@@ -541,20 +672,31 @@ impl Store {
         dead_seqs: &[u64],
     ) -> Result<Range<u64>> {
         let inner = &self.inner;
+        // The entries, plus a delete record (tag, family, length, key) per
+        // dead letter.
+        let size = BATCH_HEADER + EncodedEntries::batch_bytes(&events) + 12 * dead_seqs.len();
+        if size > inner.opts.max_transaction_bytes {
+            return Err(Error::TooLarge {
+                what: "transaction",
+                location: format!("replay of {} dead letters in one commit", events.len()),
+                size,
+                limit: inner.opts.max_transaction_bytes,
+            });
+        }
         let mut batch = WriteBatch::default();
         let cf = inner.cf(CF_DEAD)?;
         for seq in dead_seqs {
             batch.delete_cf(cf, seq.to_be_bytes());
         }
-        let writes = WriteSet::default();
+        let entries = EncodedEntries::encode(&events, inner.meta.store_id);
         let assigned = inner.pipeline.commit(
             inner,
             Request {
-                start_version: None,
+                reader: None,
                 reads: &[],
-                writes: &writes,
+                writes: &WriteSet::default(),
                 batch,
-                events: &events,
+                entries,
                 sync: inner.opts.durability == Durability::Sync,
             },
         )?;
