@@ -10,8 +10,10 @@ mkdir -p "$CARGO_TARGET_DIR"
 # cmake for bundled C libraries, util-linux for `flock` (used by a lock test),
 # nats-server for the JetStream tests, OpenSSL, zlib and curl headers for the
 # bundled librdkafka, Java and Maven to fetch and run Apache Kafka,
-# PostgreSQL for the side-by-side benchmark.
-OUTBOXKV_APT_PACKAGES=(libclang-dev clang build-essential cmake pkg-config util-linux nats-server libssl-dev zlib1g-dev libcurl4-openssl-dev default-jre-headless maven postgresql)
+# PostgreSQL for the side-by-side benchmark, prometheus for promtool (the
+# metrics conformance test), python3-venv for the CloudEvents SDK the
+# conformance tests parse the sinks' messages with.
+OUTBOXKV_APT_PACKAGES=(libclang-dev clang build-essential cmake pkg-config util-linux nats-server libssl-dev zlib1g-dev libcurl4-openssl-dev default-jre-headless maven postgresql prometheus python3-venv)
 
 outboxkv_install_apt() {
     local missing=()

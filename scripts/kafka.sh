@@ -15,7 +15,13 @@
 #       KEY=VALUE pairs are added to server.properties (first start only).
 #       With OUTBOXKV_KAFKA_SASL_PLAIN=USER:PASSWORD[,USER:PASSWORD...] the
 #       listener is SASL_PLAINTEXT with the PLAIN mechanism and these users
-#       (first start only; letters, digits, _ and - only).
+#       (first start only; letters, digits, _ and - only). With
+#       OUTBOXKV_KAFKA_ACL=1 as well, the broker authorizes with ACLs
+#       (StandardAuthorizer, nothing allowed without an ACL; the broker
+#       itself and USER admin are super users).
+#   scripts/kafka.sh acl DIR ADMIN_PASSWORD PRINCIPAL OPERATION TOPIC
+#       as user admin, allows PRINCIPAL (User:name) OPERATION (WRITE, READ,
+#       DESCRIBE, ...) on TOPIC (scripts/KafkaAcl.java)
 #   scripts/kafka.sh stop DIR
 #       stops the broker started with DIR (SIGTERM, a clean shutdown) and
 #       waits for it to exit
@@ -29,7 +35,7 @@ SLF4J_VERSION="${OUTBOXKV_SLF4J_VERSION:-2.0.17}"
 KAFKA_HOME="${OUTBOXKV_KAFKA_HOME:-$HOME/.cache/outboxkv/kafka-$KAFKA_VERSION}"
 
 usage() {
-    echo "usage: $0 fetch | start DIR [PORT [CONTROLLER_PORT]] [KEY=VALUE...] | stop DIR" >&2
+    echo "usage: $0 fetch | start DIR [PORT [CONTROLLER_PORT]] [KEY=VALUE...] | acl DIR ADMIN_PASSWORD PRINCIPAL OPERATION TOPIC | stop DIR" >&2
     exit 2
 }
 
@@ -176,6 +182,14 @@ EOF
                 echo "sasl.mechanism.inter.broker.protocol=PLAIN"
                 echo "listener.name.sasl_plaintext.plain.sasl.jaas.config=$jaas;"
             } >>"$dir/server.properties"
+            if [ "${OUTBOXKV_KAFKA_ACL:-}" = 1 ]; then
+                {
+                    echo "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+                    echo "allow.everyone.if.no.acl.found=false"
+                    # The controller listener is PLAINTEXT (ANONYMOUS).
+                    echo "super.users=User:broker;User:admin;User:ANONYMOUS"
+                } >>"$dir/server.properties"
+            fi
         fi
         for kv in "$@"; do echo "$kv" >>"$dir/server.properties"; done
     else
@@ -225,6 +239,12 @@ EOF
     tail -n 40 "$dir/logs/server.log" >&2 || true
     kill -9 "$pid" 2>/dev/null || true
     exit 1
+    ;;
+acl)
+    dir="${2:-}"
+    [ -n "$dir" ] && [ "$#" -eq 6 ] || usage
+    port=$(sed -n 's/^advertised.listeners=[A-Z_]*:\/\/127.0.0.1:\([0-9]*\)$/\1/p' "$dir/server.properties")
+    java -cp "$KAFKA_HOME/lib/*" "$(dirname "$0")/KafkaAcl.java" "127.0.0.1:$port" admin "$3" "$4" "$5" "$6"
     ;;
 stop)
     dir="${2:-}"

@@ -20,6 +20,8 @@ echo ">> rustdoc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --release --all-features --no-deps
 echo ">> Apache Kafka for the Kafka tests (fetched once, before tests start brokers in parallel)"
 ./scripts/kafka.sh fetch
+echo ">> the CloudEvents SDK for Python, for the conformance tests (installed once)"
+./scripts/cloudevents.sh python >/dev/null
 echo ">> cargo test"
 cargo test --release --all-features --all-targets
 cargo test --release --all-features --doc

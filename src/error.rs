@@ -90,6 +90,21 @@ pub enum Error {
         lock: PathBuf,
     },
 
+    /// Another relay ships this store's outbox already: an in-process
+    /// relay, a sidecar (`outbox-relay run`) or `outbox-relay run --drain`.
+    /// Two relays on one store would prune each other's undelivered
+    /// entries, so each takes the lock `<store>/relay/LOCK` first.
+    #[error(
+        "another relay ships the outbox of {path} already (in-process, sidecar or --drain; \
+         lock file {lock} is held); stop it first"
+    )]
+    RelayLocked {
+        /// The store path.
+        path: PathBuf,
+        /// The lock file that is held.
+        lock: PathBuf,
+    },
+
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption in {location}: {reason}")]
     Corruption {
@@ -137,6 +152,19 @@ pub enum Error {
         size: usize,
         /// Configured limit.
         limit: usize,
+    },
+
+    /// An emitted event breaks a rule of [`Event`](crate::Event) (an empty
+    /// type, control characters in its key or a header, a reserved header
+    /// name, ...). Nothing was written.
+    #[error("invalid event (type {event_type:?}, key {key:?}): {reason}")]
+    InvalidEvent {
+        /// The event's type.
+        event_type: String,
+        /// The event's key.
+        key: String,
+        /// The rule it breaks.
+        reason: String,
     },
 
     /// A table name breaks the naming rules.

@@ -80,6 +80,7 @@ pub mod config;
 pub mod error;
 mod invariant;
 pub mod outbox;
+pub mod redact;
 #[cfg(feature = "relay")]
 pub mod relay;
 #[cfg(feature = "relay")]

@@ -498,7 +498,8 @@ fn dlq_replay_refuses_a_store_the_service_holds() -> TestResult {
     let held = known_store(&path)?;
     let db = path.to_string_lossy().into_owned();
     let o = run_cli(&["dlq", "replay", "--db", &db, "--all"])?;
-    assert_eq!(o.status.code(), Some(2));
+    // Held by the service: a run-time refusal, not bad input.
+    assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("open in another process"),
         "{}",
@@ -554,8 +555,10 @@ fn a_second_sidecar_on_the_same_store_is_refused() -> TestResult {
         std::thread::sleep(Duration::from_millis(20));
     }
     let o = run_cli(&args)?;
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    // A held lock is not bad input (exit 2) but a run-time refusal (1).
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("LOCK"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("another relay"), "{}", stderr(&o));
     sigterm(&first)?;
     assert!(
         wait_child(&mut first, Duration::from_secs(30))?
@@ -574,7 +577,25 @@ fn a_second_sidecar_on_the_same_store_is_refused() -> TestResult {
 /// the server must put together (it once answered the first piece alone).
 fn http_get(addr: &str, path: &str) -> Result<String, Box<dyn std::error::Error>> {
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn http_get_accept(
+    addr: &str,
+    path: &str,
+    accept: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
@@ -618,7 +639,7 @@ fn sigterm_drains_and_exits_zero_and_metrics_are_served() -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(30);
     let metrics = loop {
         if let Ok(m) = http_get(&addr, "/metrics")
-            && m.contains("outboxkv_relay_delivered_seq 300")
+            && m.contains(r#"outboxkv_relay_delivered_seq{sink="file"} 300"#)
         {
             break m;
         }
@@ -627,9 +648,32 @@ fn sigterm_drains_and_exits_zero_and_metrics_are_served() -> TestResult {
     };
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(
-        metrics.contains("outboxkv_relay_acked_total 300"),
+        metrics.contains(r#"outboxkv_relay_acked_total{sink="file"} 300"#),
         "{metrics}"
     );
+    // Served as the Prometheus text format it is, which promtool accepts;
+    // OpenMetrics when asked for (it was OpenMetrics labelled as text 0.0.4,
+    // and promtool put the counter types on the wrong names).
+    assert!(
+        metrics
+            .to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{metrics}"
+    );
+    let body = metrics.split("\r\n\r\n").nth(1).ok_or("no body")?;
+    let (ok, printed) = common::promtool_check(body)?;
+    assert!(ok, "promtool: {printed}\n{body}");
+    let open = http_get_accept(
+        &addr,
+        "/metrics",
+        "application/openmetrics-text; version=1.0.0",
+    )?;
+    assert!(
+        open.to_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{open}"
+    );
+    assert!(open.trim_end().ends_with("# EOF"), "{open}");
     let health = http_get(&addr, "/healthz")?;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     assert!(http_get(&addr, "/nope")?.starts_with("HTTP/1.1 404"));
@@ -695,10 +739,16 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn assert_refused(args: &[&str], expect: &str, dir: &Path) -> TestResult {
+    assert_refused_with(2, args, expect, dir)
+}
+
+/// Like `assert_refused`, with exit code `code` (1: not bad input, but
+/// damage found or a refusal at run time).
+fn assert_refused_with(code: i32, args: &[&str], expect: &str, dir: &Path) -> TestResult {
     let before = snapshot(dir);
     let o = run_cli(args)?;
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
     assert_eq!(
         err.trim_end().lines().count(),
         1,
@@ -746,14 +796,16 @@ fn bad_input_is_a_one_line_error_and_leaves_everything_unchanged() -> TestResult
     );
     let p = |p: &Path| p.to_string_lossy().into_owned();
 
-    for (db, expect) in [
-        (p(&missing), "does not exist"),
-        (p(&other), "not an outboxkv store"),
-        (p(&newer), "format"),
-        (p(&damaged), "cursor"),
+    for (db, expect, code) in [
+        (p(&missing), "does not exist", 2),
+        (p(&other), "not an outboxkv store", 2),
+        (p(&newer), "format", 2),
+        // Damage is not bad input: exit 1, still one line, nothing changed.
+        (p(&damaged), "cursor", 1),
     ] {
-        assert_refused(&["status", "--db", &db], expect, root)?;
-        assert_refused(
+        assert_refused_with(code, &["status", "--db", &db], expect, root)?;
+        assert_refused_with(
+            code,
             &[
                 "run",
                 "--db",
@@ -874,5 +926,507 @@ fn flags_win_over_environment_and_environment_over_the_config_file() -> TestResu
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&from_env)?.lines().count(), 1);
     assert_eq!(std::fs::read_to_string(&from_file)?.lines().count(), 4);
+    Ok(())
+}
+
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, Box<dyn std::error::Error>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `status` reports the relay lock, the cursor's age and store, and exits
+/// 1 when unhealthy; `dlq` selects by type and key, refuses a repeated
+/// seq, lists with a limit; `inspect --follow` prints what is committed.
+#[test]
+fn operator_commands_select_report_and_follow() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let id = known_store(&path)?.id();
+    let db = path.to_string_lossy().into_owned();
+
+    // Unhealthy: undelivered entries older than the limit (0 s here).
+    let o = run_cli(&["status", "--db", &db, "--json", "--max-lag-secs", "0"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o))?;
+    assert_eq!(
+        (v["healthy"].as_bool(), v["relay_running"].as_bool()),
+        (Some(false), Some(false))
+    );
+    assert!(stderr(&o).contains("unhealthy"), "{}", stderr(&o));
+
+    // A sidecar running: status says so, and reports its cursor.
+    let out = dir.path().join("out.jsonl");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut sidecar = relay_cmd(&[
+        "run",
+        "--db",
+        &db,
+        "--sink",
+        "file",
+        "--file",
+        &out_s,
+        "--metrics-addr",
+        "off",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    wait_for("the sidecar's cursor", Duration::from_secs(30), || {
+        path.join("relay/cursor").exists().then_some(())
+    })?;
+    let o = run_cli(&["status", "--db", &db, "--json"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o))?;
+    assert_eq!(v["relay_running"], true);
+    assert_eq!(v["sidecar_cursor"]["store_id"], id.to_string());
+    assert!(v["sidecar_cursor"]["age_seconds"].as_f64().is_some(), "{v}");
+    sigterm(&sidecar)?;
+    assert!(
+        wait_child(&mut sidecar, Duration::from_secs(30))?
+            .status
+            .success()
+    );
+
+    // dlq: a repeated seq is refused (it once replayed one event twice).
+    let o = run_cli(&["dlq", "replay", "--db", &db, "--seq", "1,1"])?;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("more than once"), "{}", stderr(&o));
+    let o = run_cli(&["dlq", "list", "--db", &db, "--limit", "1", "--json"])?;
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
+    // By type and key: seq 2 is (orders.placed, k2).
+    let o = run_cli(&[
+        "dlq",
+        "purge",
+        "--db",
+        &db,
+        "--type",
+        "orders.placed",
+        "--key",
+        "k2",
+    ])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("purged 1 dead letters"),
+        "{}",
+        stdout(&o)
+    );
+    let o = run_cli(&["dlq", "list", "--db", &db, "--json"])?;
+    let left: Vec<Value> = stdout(&o)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["seq"], 1);
+
+    // inspect --follow prints a commit made while it runs.
+    let mut follow = relay_cmd(&["inspect", "--db", &db, "--json", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(follow.stdout.take().ok_or("stdout")?);
+    std::thread::sleep(Duration::from_millis(500));
+    let store = Store::open(&path)?;
+    let c = store.write(|tx| tx.emit(Event::bytes("followed", "kf", b"{}".to_vec())))?;
+    let seen = std::thread::spawn(move || -> Result<Value, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err("inspect --follow ended".into());
+            }
+            let v: Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+            if v["type"] == "followed" {
+                return Ok(v);
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let v = seen.join().map_err(|_| "reader panicked")??;
+    assert_eq!(v["seq"], c.seqs.start);
+    Ok(())
+}
+
+/// An idle sidecar is healthy (it once answered 503 forever, so a liveness
+/// probe killed it). With its broker down at start it keeps running,
+/// unhealthy and `sink_up 0`, saying why, and delivers once the broker is
+/// there (it once exited 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sidecar_is_healthy_and_a_missing_broker_is_waited_for() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    drop(Store::open(&path)?);
+    let db = path.to_string_lossy().into_owned();
+    let out = dir.path().join("out.jsonl").to_string_lossy().into_owned();
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut idle = relay_cmd(&[
+        "run",
+        "--db",
+        &db,
+        "--sink",
+        "file",
+        "--file",
+        &out,
+        "--metrics-addr",
+        &addr,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    let health = wait_for(
+        "an idle sidecar to be healthy",
+        Duration::from_secs(30),
+        || {
+            http_get(&addr, "/healthz")
+                .ok()
+                .filter(|h| h.starts_with("HTTP/1.1 200"))
+        },
+    )?;
+    assert!(health.ends_with("ok\n"), "{health}");
+    // And it stays so while idle.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(http_get(&addr, "/healthz")?.starts_with("HTTP/1.1 200"));
+    sigterm(&idle)?;
+    assert!(
+        wait_child(&mut idle, Duration::from_secs(30))?
+            .status
+            .success()
+    );
+
+    // The broker is not there yet.
+    let store = Store::open(&path)?;
+    store.write(|tx| {
+        (0..5u8).try_for_each(|i| tx.emit(Event::bytes("orders.paid", "k", vec![i])))
+    })?;
+    let nats_port = free_port()?;
+    let url = format!("nats://127.0.0.1:{nats_port}");
+    let mut sidecar = relay_cmd(&[
+        "run",
+        "--db",
+        &db,
+        "--sink",
+        "nats",
+        "--nats-url",
+        &url,
+        "--nats-stream",
+        "EVENTS",
+        "--metrics-addr",
+        &addr,
+        "--max-lag-secs",
+        "1",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    // "connecting" first, then (after the first attempt) why it is not up.
+    let health = match wait_for(
+        "an unhealthy answer naming the cause",
+        Duration::from_secs(40),
+        || {
+            http_get(&addr, "/healthz")
+                .ok()
+                .filter(|h| h.contains("unreachable"))
+        },
+    ) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = sidecar.kill();
+            let o = wait_child(&mut sidecar, Duration::from_secs(5))?;
+            return Err(format!("{e}: {}", stderr(&o)).into());
+        }
+    };
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    let metrics = http_get(&addr, "/metrics")?;
+    assert!(
+        metrics.contains(r#"outboxkv_relay_sink_up{sink="nats"} 0"#),
+        "{metrics}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        sidecar.try_wait()?.is_none(),
+        "the sidecar exited while the broker was down"
+    );
+
+    let server = NatsServer::start_on_port(nats_port)?;
+    wait_for(
+        "delivery once the broker is up",
+        Duration::from_secs(60),
+        || {
+            http_get(&addr, "/metrics")
+                .ok()
+                .filter(|m| m.contains(r#"outboxkv_relay_delivered_seq{sink="nats"} 5"#))
+        },
+    )?;
+    let health = http_get(&addr, "/healthz")?;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    // A broker that hangs (stopped, not gone): the publish waits, and the
+    // sidecar is unhealthy while it does (it once stayed 200 while a
+    // publish hung).
+    let pid = std::fs::read_to_string(server.dir.path().join("nats.pid"))?
+        .trim()
+        .to_string();
+    Command::new("kill").args(["-STOP", &pid]).status()?;
+    store.write(|tx| tx.emit(Event::bytes("orders.paid", "k", vec![9])))?;
+    let hung = wait_for(
+        "an unhealthy answer while the broker hangs",
+        Duration::from_secs(30),
+        || {
+            http_get(&addr, "/healthz")
+                .ok()
+                .filter(|h| h.starts_with("HTTP/1.1 503"))
+        },
+    );
+    Command::new("kill").args(["-CONT", &pid]).status()?;
+    let hung = hung?;
+    assert!(
+        hung.contains("publish has waited") || hung.contains("lag"),
+        "{hung}"
+    );
+    wait_for(
+        "health once the broker answers again",
+        Duration::from_secs(60),
+        || {
+            http_get(&addr, "/healthz")
+                .ok()
+                .filter(|h| h.starts_with("HTTP/1.1 200"))
+        },
+    )?;
+    drop(store);
+    sigterm(&sidecar)?;
+    let o = wait_child(&mut sidecar, Duration::from_secs(30))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let client = async_nats::connect(server.url.as_str()).await?;
+    let js = async_nats::jetstream::new(client);
+    assert_eq!(
+        js.get_stream("EVENTS").await?.info().await?.state.messages,
+        6
+    );
+    Ok(())
+}
+
+/// Passwords, tokens and `sasl.password` never reach stderr: not in a config
+/// error, not in a connection error, not in the logs.
+#[test]
+fn secrets_never_reach_errors_or_logs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    drop(known_store(&path)?);
+    let db = path.to_string_lossy().into_owned();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(&cfg, "nats_password = 98765432\n")?;
+    let o = run_cli(&["run", "--db", &db, "--config", &cfg.to_string_lossy()])?;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!stderr(&o).contains("98765432"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nats_password"), "{}", stderr(&o));
+
+    let secret_file = dir.path().join("kafka.pw");
+    std::fs::write(&secret_file, "file-secret-777\n")?;
+    for args in [
+        vec![
+            "--sink",
+            "nats",
+            "--nats-url",
+            "nats://alice:url-secret-123@127.0.0.1:1",
+            "--nats-stream",
+            "S",
+        ],
+        vec![
+            "--sink",
+            "nats",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+            "--nats-user",
+            "bob",
+            "--nats-password",
+            "flag-secret-456",
+        ],
+        vec![
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--kafka-option",
+            "security.protocol=SASL_PLAINTEXT",
+            "--kafka-option",
+            "sasl.mechanism=PLAIN",
+            "--kafka-option",
+            "sasl.username=u",
+            "--kafka-option-file",
+        ],
+    ] {
+        let mut full = vec!["run", "--drain", "--db", &db, "--metrics-addr", "off"];
+        full.extend(args.iter().copied());
+        let file_arg = format!("sasl.password={}", secret_file.display());
+        if full.last() == Some(&"--kafka-option-file") {
+            full.push(&file_arg);
+        }
+        let o = relay_cmd(&full).env("OUTBOXKV_LOG", "debug").output()?;
+        assert_eq!(o.status.code(), Some(1), "{full:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        for secret in ["url-secret-123", "flag-secret-456", "file-secret-777"] {
+            assert!(!err.contains(secret), "{secret} in: {err}");
+        }
+    }
+    Ok(())
+}
+
+/// A drain that cannot finish (a full discard-new stream refuses all but
+/// one entry) says how many entries are left and exits 1, for `--drain`
+/// and for SIGTERM on a sidecar; nothing is dead-lettered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_times_out_says_how_many_are_left_and_fails() -> TestResult {
+    use async_nats::jetstream;
+    let server = NatsServer::start(&[])?;
+    let js = jetstream::new(async_nats::connect(server.url.as_str()).await?);
+    js.create_stream(jetstream::stream::Config {
+        name: "EVENTS".into(),
+        subjects: vec!["events.>".into()],
+        max_messages: 1,
+        discard: jetstream::stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    drop(known_store(&path)?);
+    let db = path.to_string_lossy().into_owned();
+    let nats = [
+        "--sink",
+        "nats",
+        "--nats-url",
+        server.url.as_str(),
+        "--nats-stream",
+        "EVENTS",
+        "--drain-timeout-secs",
+        "2",
+        "--metrics-addr",
+        "off",
+    ];
+    let mut args = vec!["run", "--drain", "--db", &db];
+    args.extend(nats);
+    let started = Instant::now();
+    let o = relay_cmd(&args).output()?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("3 entries still undelivered after the drain timeout"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let store = Store::open(&path)?;
+    assert_eq!(store.outbox().depth(), 3);
+    assert_eq!(store.outbox().dead_letters().count()?, 2, "none added");
+    drop(store);
+
+    // The sidecar: SIGTERM starts the same bounded drain.
+    let mut args = vec!["run", "--db", &db];
+    args.extend(nats);
+    let mut sidecar = relay_cmd(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&sidecar)?;
+    let o = wait_child(&mut sidecar, Duration::from_secs(30))?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("3 entries still undelivered after the drain timeout"),
+        "{}",
+        stderr(&o)
+    );
+    let mut stream = js.get_stream("EVENTS").await?;
+    assert_eq!(stream.info().await?.state.messages, 1);
+    Ok(())
+}
+
+/// Catch-ups with the service that keep failing (the database's `CURRENT`
+/// file is gone, so the sidecar cannot find the service's manifest) make
+/// `/healthz` answer 503 naming the cause; once it is back the sidecar is
+/// healthy again and delivers what was written meanwhile.
+#[test]
+fn failing_catch_ups_make_the_sidecar_unhealthy_until_they_work() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = Store::open(&path)?;
+    store.write(|tx| tx.emit(Event::bytes("orders.paid", "k", vec![1])))?;
+    let db = path.to_string_lossy().into_owned();
+    let out = dir.path().join("out.jsonl");
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let mut sidecar = relay_cmd(&[
+        "run",
+        "--db",
+        &db,
+        "--sink",
+        "file",
+        "--file",
+        &out.to_string_lossy(),
+        "--metrics-addr",
+        &addr,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    let result = (|| -> TestResult {
+        wait_for("a healthy sidecar", Duration::from_secs(30), || {
+            http_get(&addr, "/healthz")
+                .ok()
+                .filter(|h| h.starts_with("HTTP/1.1 200"))
+        })?;
+        wait_for("the first event", Duration::from_secs(30), || {
+            file_seqs(&out).ok().filter(|s| s == &[1])
+        })?;
+        let current = path.join("db").join("CURRENT");
+        let saved = std::fs::read(&current)?;
+        std::fs::remove_file(&current)?;
+        let health = wait_for(
+            "an unhealthy answer naming the catch-ups",
+            Duration::from_secs(30),
+            || {
+                http_get(&addr, "/healthz")
+                    .ok()
+                    .filter(|h| h.starts_with("HTTP/1.1 503"))
+            },
+        );
+        std::fs::write(&current, &saved)?;
+        let health = health?;
+        assert!(
+            health.contains("catch-ups with the store have failed"),
+            "{health}"
+        );
+        store.write(|tx| tx.emit(Event::bytes("orders.paid", "k", vec![2])))?;
+        wait_for("delivery after recovery", Duration::from_secs(30), || {
+            file_seqs(&out).ok().filter(|s| s == &[1, 2])
+        })?;
+        wait_for("health after recovery", Duration::from_secs(30), || {
+            http_get(&addr, "/healthz")
+                .ok()
+                .filter(|h| h.starts_with("HTTP/1.1 200"))
+        })?;
+        Ok(())
+    })();
+    sigterm(&sidecar)?;
+    let o = wait_child(&mut sidecar, Duration::from_secs(30))
+        .map_err(|e| format!("{e}; the test had seen: {result:?}"))?;
+    result.map_err(|e| format!("{e}; sidecar stderr: {}", stderr(&o)))?;
+    assert!(o.status.success(), "{}", stderr(&o));
     Ok(())
 }

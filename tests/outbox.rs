@@ -218,9 +218,9 @@ fn size_limits_are_enforced_with_typed_errors() -> TestResult {
         "{r:?}"
     );
     let r = store.write(|tx| tx.emit(Event::bytes("", "k", Vec::new())));
-    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert!(matches!(r, Err(Error::InvalidEvent { .. })), "{r:?}");
     let r = store.write(|tx| tx.emit(Event::bytes("has space", "k", Vec::new())));
-    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert!(matches!(r, Err(Error::InvalidEvent { .. })), "{r:?}");
     assert_eq!(store.outbox().head(), 0);
     assert_eq!(store.range(&S, ..)?.count(), 0);
     Ok(())

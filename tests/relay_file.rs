@@ -344,7 +344,12 @@ fn draining_right_after_start_ships_everything() -> TestResult {
 async fn a_torn_last_line_is_cut_when_the_file_sink_opens() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("events.jsonl");
-    std::fs::write(&path, "{\"id\":\"a\"}\n{\"id\":\"b\"}\n{\"id\":\"c\",\"da")?;
+    // Two records of the sink's format, then one a crash cut short.
+    std::fs::write(
+        &path,
+        "{\"specversion\":\"1.0\",\"id\":\"a\"}\n{\"specversion\":\"1.0\",\"id\":\"b\"}\n\
+         {\"specversion\":\"1.0\",\"id\":\"c\",\"da",
+    )?;
     let store = store(&dir)?;
     store.write(|tx| tx.emit(Event::bytes("t", "k", b"x".to_vec())))?;
     let relay = Relay::builder(&store)
@@ -424,5 +429,82 @@ async fn buffered_events_are_on_disk_before_the_relay_ships_them() -> TestResult
         tx.emit(Event::bytes("e", "k", vec![]))
     })?;
     assert_eq!(store.outbox().durable_head(), 301);
+    Ok(())
+}
+
+/// The file sink never damages a file that is not its own: a TOML file, a
+/// JSON file, text without a final line break are refused untouched (it
+/// once truncated any file lacking a final newline, to nothing if it had
+/// none). A new file is created private (0600).
+#[test]
+fn the_file_sink_refuses_files_that_are_not_its_own_untouched() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    for (name, content) in [
+        ("relay.toml", "db = \"data/orders\"\nsink = \"file\""),
+        ("notes.txt", "no newline at all"),
+        ("config.json", "{\"a\": 1}"),
+        ("lines.jsonl", "{\"id\":\"a\"}\n{\"id\":\"b\""),
+        (
+            "events.jsonl",
+            "{\"specversion\":\"1.0\",\"id\":\"a\"}\nnot json at the end",
+        ),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content)?;
+        match FileSink::open(&path) {
+            Err(outboxkv::Error::InvalidArgument(msg)) => {
+                assert!(msg.contains("refusing"), "{name}: {msg}")
+            }
+            other => panic!("{name}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read_to_string(&path)?,
+            content,
+            "{name} was changed"
+        );
+    }
+    let fresh = dir.path().join("new.jsonl");
+    let _sink = FileSink::open(&fresh)?;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&fresh)?.permissions().mode() & 0o777,
+        0o600
+    );
+    Ok(())
+}
+
+/// One sink per file: a second `FileSink` on a file another one holds
+/// (another relay) is refused, and the first keeps working.
+#[tokio::test]
+async fn a_second_file_sink_on_one_file_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("events.jsonl");
+    let first = FileSink::open(&path)?;
+    match FileSink::open(&path) {
+        Err(outboxkv::Error::Io { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::WouldBlock)
+        }
+        other => return Err(format!("expected a WouldBlock refusal, got {other:?}").into()),
+    }
+    drop(first);
+    FileSink::open(&path)?;
+    Ok(())
+}
+
+/// A huge file without a line break (here a sparse 1 GiB one) is not read
+/// whole into memory: the check looks at most 400 MiB back (in 64 KiB
+/// reads) for the last line, refuses the file, and leaves it as it was.
+#[test]
+fn a_huge_file_without_a_line_break_is_refused_untouched() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("big.bin");
+    std::fs::File::create(&path)?.set_len(1 << 30)?;
+    match FileSink::open(&path) {
+        Err(outboxkv::Error::InvalidArgument(msg)) => {
+            assert!(msg.contains("longer than any record"), "{msg}")
+        }
+        other => return Err(format!("expected a refusal, got {other:?}").into()),
+    }
+    assert_eq!(std::fs::metadata(&path)?.len(), 1 << 30);
     Ok(())
 }

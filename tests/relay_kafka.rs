@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use common::KafkaBroker;
-use kafka::create_topic;
+use kafka::{create_topic, create_topic_as};
 use outboxkv::relay::{Relay, Shutdown};
 use outboxkv::sink::kafka::{KafkaOptions, KafkaSink};
 use outboxkv::{Durability, Event, Store};
@@ -445,5 +445,180 @@ async fn sasl_plain_logins_ship_and_a_wrong_password_is_refused() -> TestResult 
     let ids: HashSet<&str> = records.iter().map(Record::id).collect();
     assert_eq!((records.len(), ids.len()), (100, 100), "each event once");
     assert_eq!(store.outbox().depth(), 0);
+    Ok(())
+}
+
+/// A copy restored from `Store::checkpoint` holds the original's unshipped
+/// entries (the original's ids) and then its own, at seqs the original
+/// later shipped entries of its own at. The restart scan matches full event
+/// ids: it skips the original's entries it finds in Kafka and still ships
+/// the copy's own (matching on seq alone, it took them for the original's
+/// and pruned them unsent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_checkpoint_ships_its_own_events_at_seqs_the_original_used() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    create_topic(&broker.bootstrap, "orders", 1, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let original = Store::open(dir.path().join("original"))?;
+    original
+        .write(|tx| (0..3u8).try_for_each(|i| tx.emit(Event::bytes("orders", "k", vec![i]))))?;
+    let copy_id = original.checkpoint(dir.path().join("copy"))?;
+    // The original ships 1..=3, then commits and ships 4..=6 of its own.
+    original
+        .write(|tx| (3..6u8).try_for_each(|i| tx.emit(Event::bytes("orders", "k", vec![i]))))?;
+    let relay = Relay::builder(&original)
+        .sink(KafkaSink::connect(options(&broker).topic_template("orders")).await?)
+        .start()?;
+    relay.wait_delivered(6, Duration::from_secs(60)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    let original_id = original.id();
+    drop(original);
+
+    // The copy: the original's 1..=3, then 4..=6 of its own.
+    let copy = Store::open(dir.path().join("copy"))?;
+    assert_eq!(copy.id(), copy_id);
+    copy.write(|tx| (10..13u8).try_for_each(|i| tx.emit(Event::bytes("orders", "k", vec![i]))))?;
+    let relay = Relay::builder(&copy)
+        .sink(KafkaSink::connect(options(&broker).topic_template("orders")).await?)
+        .start()?;
+    relay.wait_delivered(6, Duration::from_secs(60)).await?;
+    let duplicates = relay.metrics().duplicates.get();
+    relay.shutdown(Shutdown::Now).await?;
+
+    let records = read_topic(&broker, "orders", 9)?;
+    let ids: Vec<&str> = records.iter().map(Record::id).collect();
+    for seq in 1..=6 {
+        let id = format!("{original_id}-{seq}");
+        assert_eq!(
+            ids.iter().filter(|i| **i == id).count(),
+            1,
+            "{id} once: {ids:?}"
+        );
+    }
+    for seq in 4..=6 {
+        let id = format!("{copy_id}-{seq}");
+        assert_eq!(
+            ids.iter().filter(|i| **i == id).count(),
+            1,
+            "the copy's {id} shipped: {ids:?}"
+        );
+    }
+    assert_eq!(records.len(), 9);
+    assert_eq!(
+        duplicates, 3,
+        "the original's three were skipped as duplicates"
+    );
+    Ok(())
+}
+
+/// A topic whose `max.message.bytes` is below the producer's batch size:
+/// many small records of one key would be packed into batches the topic
+/// refuses. The sink caps its batches below the topic's limit, so all
+/// arrive, in order, none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_stay_below_the_topics_max_message_bytes() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    create_topic(
+        &broker.bootstrap,
+        "small.batches",
+        1,
+        &[("max.message.bytes", "20000")],
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| {
+        (0..400u32).try_for_each(|i| {
+            tx.emit(Event::bytes(
+                "small.batches",
+                "one-key",
+                vec![(i % 251) as u8; 900],
+            ))
+        })
+    })?;
+    let relay = Relay::builder(&store)
+        .batch_size(400)
+        .sink(KafkaSink::connect(options(&broker)).await?)
+        .start()?;
+    relay.wait_delivered(400, Duration::from_secs(60)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    assert_eq!(store.outbox().dead_letters().count()?, 0);
+    let records = read_topic(&broker, "small.batches", 400)?;
+    let seqs: Vec<u64> = records.iter().map(Record::seq).collect();
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>(), "each once, in order");
+    Ok(())
+}
+
+/// A relay principal that may write but not read: the restart scan could
+/// never run, and the relay once retried it forever, delivering nothing. A
+/// fixed topic is checked at connect (a clear error); with a topic template
+/// the relay stops at its first scan with the same error; with
+/// `restart_scan_without_read` it ships without the scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_without_read_permission_fails_clearly_or_ships_without_the_scan() -> TestResult
+{
+    let broker = KafkaBroker::start_with_acls(&[("writer", "writer-secret")])?;
+    create_topic_as(&broker.bootstrap, &broker.client, "orders", 1, &[]).await?;
+    for op in ["WRITE", "DESCRIBE"] {
+        broker.allow("User:writer", op, "orders")?;
+    }
+    let writer = || {
+        options(&broker)
+            .set("security.protocol", "SASL_PLAINTEXT")
+            .set("sasl.mechanism", "PLAIN")
+            .set("sasl.username", "writer")
+            .set("sasl.password", "writer-secret")
+    };
+    // A fixed topic: refused at connect, saying what to grant.
+    match KafkaSink::connect(writer().topic_template("orders")).await {
+        Err(outboxkv::Error::Broker { message, .. }) => {
+            assert!(message.contains("may not read topic orders"), "{message}");
+            assert!(!message.contains("writer-secret"), "{message}");
+        }
+        Err(e) => return Err(format!("expected a Broker error, got {e}").into()),
+        Ok(_) => return Err("a principal without READ passed the check".into()),
+    }
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| {
+        (0..10u8).try_for_each(|i| tx.emit(Event::bytes("orders", format!("k{i}"), vec![i])))
+    })?;
+
+    // Allowed to ship without the scan: it does.
+    let relay = Relay::builder(&store)
+        .sink(
+            KafkaSink::connect(
+                writer()
+                    .topic_template("{type}")
+                    .restart_scan_without_read(true),
+            )
+            .await?,
+        )
+        .start()?;
+    relay.wait_delivered(10, Duration::from_secs(60)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    assert_eq!(read_topic(&broker, "orders", 10)?.len(), 10);
+
+    // Without that, a template: the relay stops at its first scan (the
+    // topic now has records to read back) with the same error.
+    store.write(|tx| {
+        (10..15u8).try_for_each(|i| tx.emit(Event::bytes("orders", format!("k{i}"), vec![i])))
+    })?;
+    let relay = Relay::builder(&store)
+        .sink(KafkaSink::connect(writer().topic_template("{type}")).await?)
+        .start()?;
+    tokio::time::timeout(Duration::from_secs(60), relay.stopped()).await?;
+    match relay.shutdown(Shutdown::Now).await {
+        Err(outboxkv::Error::Broker { message, .. }) => {
+            assert!(message.contains("may not read topic orders"), "{message}")
+        }
+        other => {
+            return Err(
+                format!("expected the relay to stop on a Broker error, got {other:?}").into(),
+            );
+        }
+    }
+    assert_eq!(store.outbox().depth(), 5, "nothing more settled");
+    assert_eq!(store.outbox().dead_letters().count()?, 0);
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! a server outage, and oversized messages.
 
 mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
 #[path = "common/sinks.rs"]
 mod sinks;
 
@@ -48,12 +50,15 @@ async fn read_stream(js: &jetstream::Context) -> Result<Received, Box<dyn std::e
         let m = stream.get_raw_message(seq).await?;
         let h = m.headers;
         let id = h.get("Nats-Msg-Id").ok_or("no Nats-Msg-Id")?.to_string();
-        assert_eq!(h.get("ce-id").map(|v| v.to_string()), Some(id.clone()));
+        // Structured mode (the default): the event is the payload.
+        let event: serde_json::Value = serde_json::from_slice(&m.payload)?;
+        assert_eq!(event["id"].as_str(), Some(id.as_str()));
+        assert_eq!(event["specversion"].as_str(), Some("1.0"));
         assert_eq!(
-            h.get("ce-specversion").map(|v| v.to_string()).as_deref(),
-            Some("1.0")
+            h.get("content-type").map(|v| v.to_string()).as_deref(),
+            Some(outboxkv::sink::cloudevents::STRUCTURED_JSON)
         );
-        let key = h.get("ce-subject").ok_or("no ce-subject")?.to_string();
+        let key = event["subject"].as_str().ok_or("no subject")?.to_string();
         let outbox_seq: u64 = id.rsplit('-').next().ok_or("bad id")?.parse()?;
         messages.insert(seq, (id, key, outbox_seq));
     }
@@ -274,5 +279,233 @@ async fn an_oversized_event_is_dead_lettered_with_the_brokers_error() -> TestRes
     let seqs: Vec<u64> = received.messages.values().map(|(_, _, s)| *s).collect();
     assert_eq!(seqs, vec![1, 3], "later entries are still delivered");
     relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// A connection lost in the middle of a batch: the proxy cuts the relay's
+/// connection after a number of bytes, again and again, while the relay
+/// ships 10,000 events of 20 keys. Every event arrives once, and every
+/// key's events in seq order (a publish lost in the cut cannot be overtaken
+/// by a later one of its key, which the client sends after reconnecting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_mid_batch_keep_per_key_order() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let proxy = proxy::Proxy::start(server.port).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    let opts = NatsOptions::new(proxy.url())
+        .prefix("events")
+        .ack_timeout(Duration::from_secs(1))
+        .create_stream(StreamSetup {
+            name: STREAM.into(),
+            subjects: vec!["events.>".into()],
+            duplicate_window: Duration::from_secs(120),
+        });
+    let sink = NatsSink::connect(opts).await?;
+    let relay = Relay::builder(&store)
+        .backoff(Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(100),
+            factor: 2.0,
+            jitter: 0.0,
+        })
+        .sink(sink)
+        .start()?;
+    let s = store.clone();
+    let writers = tokio::task::spawn_blocking(move || {
+        commit_from_threads(&s, 4, 2500, 20).map_err(|e| e.to_string())
+    });
+    // Cut five times, each in the middle of whatever is being sent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut n = 0u64;
+    while relay.delivered() < 10_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivered {}",
+            relay.delivered()
+        );
+        if proxy.cuts.load(Ordering::SeqCst) < 5 && !proxy.armed() {
+            n += 1;
+            proxy.cut_after(20_000 + n * 7_919);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writers.await??;
+    assert!(
+        proxy.cuts.load(Ordering::SeqCst) >= 3,
+        "the proxy cut too rarely"
+    );
+    // Read back directly, not through the proxy.
+    let client = async_nats::connect(server.url.as_str()).await?;
+    let js = jetstream::new(client);
+    assert_exactly_once_in_key_order(&read_stream(&js).await?, 10_000);
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// A stream full with `discard: new` refuses every publish ("maximum
+/// messages exceeded"): a broker-wide condition. The relay backs off and
+/// dead-letters nothing (it once dead-lettered whole batches within a
+/// second); once there is room, everything arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_discard_new_stream_backs_off_without_dead_lettering() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let client = async_nats::connect(server.url.as_str()).await?;
+    let js = jetstream::new(client);
+    let mut config = jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["events.>".into()],
+        max_messages: 10,
+        discard: jetstream::stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| {
+        (0..30u8)
+            .try_for_each(|i| tx.emit(Event::bytes("orders.paid", format!("k{}", i % 3), vec![i])))
+    })?;
+    let relay = Relay::builder(&store)
+        .max_attempts(2)
+        .backoff(Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+            factor: 2.0,
+            jitter: 0.0,
+        })
+        .sink(NatsSink::connect(options(&server)).await?)
+        .start()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while relay.metrics().failed.get() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.outbox().dead_letters().count()?,
+        0,
+        "a full stream dead-letters nothing"
+    );
+    assert_eq!(relay.metrics().sink_up.get(), 0);
+    config.max_messages = -1;
+    js.update_stream(config).await?;
+    relay.wait_delivered(30, Duration::from_secs(20)).await?;
+    assert_exactly_once_in_key_order(&read_stream(&js).await?, 30);
+    assert_eq!(store.outbox().dead_letters().count()?, 0);
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// An existing stream is checked at connect: one that does not capture the
+/// template's subjects ("no responders" for every publish) or deduplicates
+/// over a shorter window than configured is refused, saying which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_that_does_not_fit_is_refused_at_connect() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let client = async_nats::connect(server.url.as_str()).await?;
+    let js = jetstream::new(client);
+    js.create_stream(jetstream::stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["other.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    match NatsSink::connect(options(&server)).await {
+        Err(outboxkv::Error::Broker { message, .. }) => {
+            assert!(
+                message.starts_with("stream:") && message.contains("captures"),
+                "{message}"
+            )
+        }
+        other => return Err(format!("expected a stream error, got {other:?}").into()),
+    }
+    js.create_stream(jetstream::stream::Config {
+        name: "SHORT".into(),
+        subjects: vec!["short.>".into()],
+        duplicate_window: Duration::from_secs(10),
+        ..Default::default()
+    })
+    .await?;
+    let short = NatsOptions::new(server.url.clone())
+        .prefix("short")
+        .create_stream(StreamSetup {
+            name: "SHORT".into(),
+            subjects: vec!["short.>".into()],
+            duplicate_window: Duration::from_secs(120),
+        });
+    match NatsSink::connect(short).await {
+        Err(outboxkv::Error::Broker { message, .. }) => {
+            assert!(message.contains("deduplicates over"), "{message}")
+        }
+        other => return Err(format!("expected a window error, got {other:?}").into()),
+    }
+    // A template without a fixed first token cannot name a stream's subjects.
+    let bare = NatsOptions::new(server.url.clone()).subject_template("{type}");
+    assert!(StreamSetup::for_template("ANY", &bare).is_err());
+    // One whose stream is derived from the template works at once.
+    let derived = NatsOptions::new(server.url.clone()).subject_template("svc.{type}");
+    let setup = StreamSetup::for_template("SVC", &derived)?;
+    let sink = NatsSink::connect(derived.create_stream(setup)).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path())?;
+    store.write(|tx| tx.emit(Event::bytes("orders.paid", "k", vec![1])))?;
+    let relay = Relay::builder(&store).sink(sink).start()?;
+    relay.wait_delivered(1, Duration::from_secs(10)).await?;
+    relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// An entry stored before the emit checks (a forged key, a reserved
+/// header) is rejected by the sink for good, not sent: nothing reaches the
+/// stream, and no forged `Nats-Msg-Id` makes JetStream answer "duplicate".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_stored_entries_are_rejected_not_sent() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let sink = NatsSink::connect(options(&server)).await?;
+    let good = OutboxEntry {
+        seq: 1,
+        id: outboxkv::EventId {
+            store: outboxkv::StoreId([1; 16]),
+            seq: 1,
+        },
+        event_type: "orders.paid".into(),
+        key: "k".into(),
+        content_type: "application/octet-stream".into(),
+        headers: Vec::new(),
+        payload: vec![1],
+        created_at_micros: 0,
+    };
+    let mut forged_key = good.clone();
+    forged_key.key = "k\r\nNats-Msg-Id: 01010101010101010101010101010101-1".into();
+    let mut reserved = good.clone();
+    reserved.headers.push(("Nats-Rollup".into(), "all".into()));
+    let outcomes = sink.publish(&[forged_key, reserved]).await;
+    for o in &outcomes {
+        assert!(
+            matches!(
+                o,
+                Outcome::Rejected {
+                    permanent: true,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+    }
+    let info = sink
+        .jetstream()
+        .get_stream(STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    assert_eq!(info, 0, "nothing was sent");
     Ok(())
 }

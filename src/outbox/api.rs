@@ -274,11 +274,18 @@ impl DeadLetters {
 
     /// Appends the dead letters with these (original) seqs to the outbox again,
     /// keeping their event ids and original times, and removes them from the
-    /// dead-letter table, in one commit. Returns the new seqs. Unknown seqs
-    /// are an [`Error::InvalidArgument`] and nothing is replayed.
+    /// dead-letter table, in one commit. Returns the new seqs. Unknown or
+    /// repeated seqs are an [`Error::InvalidArgument`] and nothing is
+    /// replayed.
     pub fn replay(&self, seqs: &[u64]) -> Result<std::ops::Range<u64>> {
         // One replay at a time, so a dead letter cannot be replayed twice.
         let _guard = self.store.inner.replay_lock.lock();
+        let mut seen = std::collections::HashSet::with_capacity(seqs.len());
+        if let Some(dup) = seqs.iter().find(|s| !seen.insert(**s)) {
+            return Err(Error::InvalidArgument(format!(
+                "dead letter {dup} is asked for more than once; nothing is replayed"
+            )));
+        }
         let mut events = Vec::with_capacity(seqs.len());
         for &seq in seqs {
             let found = self.list(seq, 1)?.into_iter().find(|d| d.entry.seq == seq);

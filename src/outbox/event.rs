@@ -24,6 +24,16 @@ pub const MAX_HEADERS: usize = 64;
 /// serializes with serde_json, [`Event::bytes`] takes bytes as they are. The
 /// seq, event id and timestamp are assigned at commit.
 ///
+/// What reaches a broker's headers is checked when the event is emitted
+/// ([`WriteTx::emit`](crate::WriteTx::emit) fails with
+/// [`Error::InvalidEvent`] and nothing is written): the type is 1 to 255
+/// bytes without whitespace or control characters; the key, the content
+/// type and header values hold no control characters (a CR/LF there could
+/// forge broker headers); header names are HTTP tokens, and not names the
+/// sinks set themselves (`Nats-*`, `ce-*`, `ce_*`, `content-type`,
+/// `outboxkv*`, any case). `traceparent` and `tracestate` are forwarded as
+/// the CloudEvents tracing extension.
+///
 /// ```
 /// use outboxkv::Event;
 /// #[derive(serde::Serialize)]
@@ -32,6 +42,12 @@ pub const MAX_HEADERS: usize = 64;
 /// let event = Event::json("orders.paid", "order-42", &OrderPaid { id: 42 })?
 ///     .with_header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
 /// assert_eq!(event.payload(), br#"{"id":42}"#);
+///
+/// let forged = Event::bytes("orders.paid", "k\r\nNats-Msg-Id: x", Vec::new());
+/// let dir = tempfile::tempdir().map_err(|e| outboxkv::Error::abort(e))?;
+/// let store = outboxkv::Store::open(dir.path())?;
+/// let r = store.write(|tx| tx.emit(forged.clone()));
+/// assert!(matches!(r, Err(outboxkv::Error::InvalidEvent { .. })));
 /// # Ok::<(), outboxkv::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,39 +171,56 @@ impl Event {
                 .sum::<usize>()
     }
 
-    /// Checks the rules every event must follow before it can be emitted.
+    /// Checks the rules every event must follow before it can be emitted
+    /// (see [`Event`] for them): [`Error::InvalidEvent`] or
+    /// [`Error::TooLarge`], and nothing is written.
     pub(crate) fn validate(&self, max_event_size: usize) -> Result<()> {
-        let bad = |why: String| Err(Error::InvalidArgument(why));
+        let bad = |reason: String| {
+            Err(Error::InvalidEvent {
+                event_type: self.event_type.clone(),
+                key: self.key.clone(),
+                reason,
+            })
+        };
         let t = &self.event_type;
         if t.is_empty() {
-            return bad("event type is empty".into());
+            return bad("the event type is empty".into());
         }
         if t.len() > MAX_NAME_LEN {
             return bad(format!(
-                "event type {t:?} is longer than {MAX_NAME_LEN} bytes"
+                "the event type is longer than {MAX_NAME_LEN} bytes"
             ));
         }
         if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return bad("the event type contains whitespace or control characters".into());
+        }
+        if self.key.chars().any(char::is_control) {
+            return bad("the key contains control characters (CR, LF, NUL, ...)".into());
+        }
+        let ct = &self.content_type;
+        if ct.len() > MAX_NAME_LEN {
             return bad(format!(
-                "event type {t:?} contains whitespace or control characters"
+                "the content type is longer than {MAX_NAME_LEN} bytes"
             ));
         }
-        if self.content_type.len() > MAX_NAME_LEN {
+        if ct.chars().any(char::is_control) {
             return bad(format!(
-                "content type of event {t:?} is longer than {MAX_NAME_LEN} bytes"
+                "the content type {ct:?} contains control characters"
             ));
         }
         if self.headers.len() > MAX_HEADERS {
             return bad(format!(
-                "event {t:?} has {} headers, more than {MAX_HEADERS}",
+                "{} headers, more than {MAX_HEADERS}",
                 self.headers.len()
             ));
         }
-        for (name, _) in &self.headers {
-            if name.is_empty() || name.len() > MAX_NAME_LEN {
+        for (name, value) in &self.headers {
+            if let Some(why) = header_name_problem(name) {
+                return bad(format!("header {name:?}: {why}"));
+            }
+            if value.chars().any(char::is_control) {
                 return bad(format!(
-                    "event {t:?} has a header name of {} bytes (1..={MAX_NAME_LEN})",
-                    name.len()
+                    "the value of header {name:?} contains control characters (CR, LF, NUL, ...)"
                 ));
             }
         }
@@ -202,4 +235,37 @@ impl Event {
         }
         Ok(())
     }
+}
+
+/// Header names the sinks set themselves (case-insensitive prefixes, then
+/// whole names): an event may not set them.
+const RESERVED_PREFIXES: [&str; 4] = ["nats-", "ce-", "ce_", "outboxkv"];
+const RESERVED_NAMES: [&str; 1] = ["content-type"];
+
+/// Why `name` cannot be an event's header name, if it cannot: it must be
+/// 1..=255 bytes of an HTTP token (letters, digits and ``!#$%&'*+-.^_`|~``,
+/// which every broker's headers accept), and not reserved.
+pub fn header_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Some(format!("a name must be 1 to {MAX_NAME_LEN} bytes"));
+    }
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !name.bytes().all(token) {
+        return Some(
+            "a name may hold only letters, digits and !#$%&'*+-.^_`|~ (no spaces, colons or \
+             control characters)"
+                .into(),
+        );
+    }
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_PREFIXES.iter().any(|p| lower.starts_with(p))
+        || RESERVED_NAMES.contains(&lower.as_str())
+    {
+        return Some(
+            "the name is reserved: the sinks set Nats-*, ce-*/ce_* (CloudEvents), \
+             content-type and outboxkv* themselves"
+                .into(),
+        );
+    }
+    None
 }

@@ -76,7 +76,21 @@ impl Outbox {
         let store = self.store();
         let cursor = decode_cursor(path, bytes)?;
         check_owner(&cursor, path, store.id())?;
-        let through = cursor.delivered_through.min(self.head());
+        let head = self.head();
+        if cursor.delivered_through > head {
+            // A sidecar ships only what is durable in this store, so its
+            // cursor cannot pass the store's last seq unless the store was
+            // rolled back (restored from an older copy). Applying it would
+            // prune the store's next commits unsent.
+            return Err(Error::corruption(
+                path.display().to_string(),
+                format!(
+                    "the relay cursor says seq {} was delivered, but the store's last seq is                      {head}: the store was restored from an older copy of itself, or the cursor                      was; if the store is right, remove the cursor file (events it delivered                      may then be delivered again)",
+                    cursor.delivered_through
+                ),
+            ));
+        }
+        let through = cursor.delivered_through;
         let tail = self.tail();
         if through < tail {
             return Ok(tail);
@@ -126,6 +140,14 @@ pub(crate) fn watch_relay_cursor(store: &Store, every: Duration) -> Result<()> {
                 let outbox = Store { inner }.outbox();
                 match outbox.apply_cursor_bytes(&path, &bytes) {
                     Ok(_) => applied = Some(bytes),
+                    Err(e @ Error::Corruption { .. }) => {
+                        // Damaged, of another store, or ahead of the store:
+                        // never applied, not even once the store's head
+                        // passes it (that would prune commits unsent).
+                        // Only a new cursor content is looked at again.
+                        tracing::error!(error = %e, "refusing the sidecar relay's cursor");
+                        applied = Some(bytes);
+                    }
                     Err(e) => {
                         // Tried again next time; reported once per content.
                         if reported.as_ref() != Some(&bytes) {

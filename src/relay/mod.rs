@@ -10,19 +10,23 @@
 //! - **Effectively once where the broker deduplicates**: every attempt of an
 //!   entry carries the same event id (`<store id>-<seq>`), which sinks pass
 //!   as the broker's deduplication key (JetStream `Nats-Msg-Id`).
-//! - **Order**: entries are published in seq order and settled in seq order:
-//!   the relay never acknowledges past an entry that is still failing, and
-//!   after a failure it publishes again from that entry. So a broker that
-//!   stores messages in the order one connection sends them sees every key's
-//!   events in seq order, and in fact the global commit order. (A transient
-//!   per-message rejection followed by acceptance of a *later* message in
-//!   the same pipelined batch can still place that later message first; the
-//!   retry then re-sends in order.)
-//! - **Failures**: `Outcome::Retry` (broker unreachable, timeouts) backs off
-//!   exponentially with jitter and is retried for as long as it takes; a
-//!   broker down for minutes loses nothing. `Outcome::Rejected` counts
-//!   attempts and moves the entry to the dead-letter table when permanent or
-//!   after `max_attempts`, atomically with moving past it.
+//! - **Order, per key**: entries are published in seq order and settled in
+//!   seq order: the relay never settles past an entry that is still
+//!   failing, and after a failure it publishes again from that entry,
+//!   skipping the entries acknowledged beyond it. The sinks keep a key's
+//!   entries from overtaking each other when a publish fails (see their
+//!   module docs), so every key's events reach the broker in seq order.
+//!   Events of different keys may not, after a failure.
+//! - **Failures**: `Outcome::Retry` (a broker-wide condition: unreachable,
+//!   timeouts, a full stream, refused authorization) backs off
+//!   exponentially with jitter and is retried for as long as it takes, and
+//!   never dead-letters. `Outcome::Rejected` (something wrong with the entry)
+//!   counts toward `max_attempts` in the rounds where that entry blocks the
+//!   others (not while it waits behind one) and moves the entry to the
+//!   dead-letter table when permanent or after `max_attempts`, atomically
+//!   with moving past it, unless more than `dead_letter_storm_limit`
+//!   entries in a row were dead-lettered: then the relay holds and backs
+//!   off. `Outcome::Fatal` stops the relay with the sink's error.
 //! - **Wake-ups**: the relay sleeps on the outbox's commit notification; an
 //!   idle relay uses no CPU and a commit reaches the sink without polling.
 
@@ -32,10 +36,11 @@ pub mod sidecar;
 mod sink;
 
 pub use backoff::Backoff;
-pub use metrics::{RelayMetrics, register_store_metrics};
+pub use metrics::{RelayMetricFamilies, RelayMetrics, register_store_metrics};
 pub use sink::{BoxFuture, Outcome, Sink};
 
 use std::collections::HashMap;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +52,20 @@ use crate::outbox::dead::DeadLetter;
 use crate::outbox::entry::{OutboxEntry, now_micros};
 use crate::store::Store;
 use backoff::Jitter;
+
+/// Takes `<store>/relay/LOCK`: one relay per store, whichever kind.
+/// [`Error::RelayLocked`] when another relay holds it.
+pub(crate) fn take_relay_lock(store: &std::path::Path) -> Result<std::fs::File> {
+    let dir = store.join(crate::outbox::handoff::RELAY_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+    crate::store::open::lock(&dir).map_err(|e| match e {
+        Error::Locked { lock, .. } => Error::RelayLocked {
+            path: store.to_path_buf(),
+            lock,
+        },
+        other => other,
+    })
+}
 
 /// Where a relay reads committed outbox entries and records what it settled.
 ///
@@ -63,7 +82,30 @@ use backoff::Jitter;
 ///   `tail()` is above `through`.
 /// - `changed(head)` resolves once `head()` may have moved past `head` (a
 ///   spurious wake-up is allowed; the relay looks again).
+///
+/// A relay calls [`begin`](OutboxSource::begin) once before its first
+/// `tail()` and keeps what it returns until it stops; its
+/// [`dead_in_a_row`](OutboxSource::dead_in_a_row) seeds the dead-letter
+/// storm guard, so a restart does not reset it.
 pub trait OutboxSource: Send + Sync + 'static {
+    /// Makes this relay the only one shipping the source and brings the
+    /// source up to date, before the relay reads its tail; what it returns
+    /// is held until the relay stops. [`Outbox`] takes the store's relay
+    /// lock (`<store>/relay/LOCK`, [`Error::RelayLocked`] when a sidecar,
+    /// `run --drain` or another in-process relay holds it) and then
+    /// applies a sidecar's cursor, so nothing a sidecar delivered is sent
+    /// again. Default: nothing to do.
+    fn begin(&self) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        Ok(None)
+    }
+    /// How many entries just below the tail were dead-lettered in a row
+    /// (counting down from `tail() - 1`, at most `limit`; reads up to
+    /// `limit` dead letters). An error is logged and counts as 0.
+    /// Default: 0.
+    fn dead_in_a_row(&self, limit: u32) -> Result<u32> {
+        let _ = limit;
+        Ok(0)
+    }
     /// First seq not settled yet.
     fn tail(&self) -> Result<u64>;
     /// Last committed seq.
@@ -76,7 +118,48 @@ pub trait OutboxSource: Send + Sync + 'static {
     fn changed(&self, head: u64) -> BoxFuture<'static, ()>;
 }
 
+/// A shared source: the caller can keep a handle (to read its tail after
+/// the relay stopped, say).
+impl<T: OutboxSource + ?Sized> OutboxSource for Arc<T> {
+    fn begin(&self) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        (**self).begin()
+    }
+    fn dead_in_a_row(&self, limit: u32) -> Result<u32> {
+        (**self).dead_in_a_row(limit)
+    }
+    fn tail(&self) -> Result<u64> {
+        (**self).tail()
+    }
+    fn head(&self) -> Result<u64> {
+        (**self).head()
+    }
+    fn read(&self, from: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
+        (**self).read(from, max_entries, max_bytes)
+    }
+    fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()> {
+        (**self).settle(through, dead)
+    }
+    fn changed(&self, head: u64) -> BoxFuture<'static, ()> {
+        (**self).changed(head)
+    }
+}
+
 impl OutboxSource for Outbox {
+    fn begin(&self) -> Result<Option<Box<dyn std::any::Any + Send + Sync>>> {
+        let lock = take_relay_lock(self.store().path())?;
+        self.apply_relay_cursor()?;
+        Ok(Some(Box::new(lock)))
+    }
+    fn dead_in_a_row(&self, limit: u32) -> Result<u32> {
+        let tail = Outbox::tail(self);
+        let from = tail.saturating_sub(u64::from(limit)).max(1);
+        let dead = self.dead_letters().list(from, limit as usize)?;
+        Ok(count_dead_below(
+            tail,
+            dead.iter().map(|d| d.entry.seq),
+            limit,
+        ))
+    }
     fn tail(&self) -> Result<u64> {
         Ok(Outbox::tail(self))
     }
@@ -102,6 +185,22 @@ impl OutboxSource for Outbox {
             changed.await;
         })
     }
+}
+
+/// How often a publish that keeps waiting is reported.
+const PUBLISH_WAIT_REPORT: Duration = Duration::from_secs(10);
+
+/// How many of the seqs just below `tail` (`tail - 1`, `tail - 2`, ...)
+/// are in `dead`, without a gap, at most `limit`.
+pub(crate) fn count_dead_below(tail: u64, dead: impl Iterator<Item = u64>, limit: u32) -> u32 {
+    let dead: std::collections::BTreeSet<u64> = dead.collect();
+    let mut n = 0u32;
+    let mut seq = tail;
+    while n < limit && seq > 1 && dead.contains(&(seq - 1)) {
+        n += 1;
+        seq -= 1;
+    }
+    n
 }
 
 /// How to stop a relay; see [`Relay::shutdown`].
@@ -131,6 +230,7 @@ pub struct RelayBuilder {
     batch_bytes: usize,
     linger: Duration,
     max_attempts: u32,
+    storm_limit: u32,
     backoff: Backoff,
     metrics: RelayMetrics,
 }
@@ -177,9 +277,23 @@ impl RelayBuilder {
     }
 
     /// Rejections of one entry before it is dead-lettered (permanent
-    /// rejections dead-letter at once; `Retry` outcomes never do). Default: 5.
+    /// rejections dead-letter at once). Only rejections of the entry itself
+    /// count: `Retry` outcomes (a broker-wide condition: unreachable, a full
+    /// stream, refused authorization) never do, nor do rounds in which the
+    /// entry waited behind an earlier failing one. Default: 5.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Most entries dead-lettered in a row (with no acknowledged entry
+    /// between them) before the relay suspects the broker rather than the
+    /// entries: it then stops dead-lettering, logs an error, sets the
+    /// `dead_letter_storm` gauge and backs off, retrying the entry it
+    /// stopped at until one is acknowledged (or an operator intervenes: fix
+    /// the broker, or raise this limit). Default: 20.
+    pub fn dead_letter_storm_limit(mut self, entries: u32) -> Self {
+        self.storm_limit = entries.max(1);
         self
     }
 
@@ -201,6 +315,15 @@ impl RelayBuilder {
         let sink = self
             .sink
             .ok_or_else(|| Error::InvalidArgument("a relay needs a sink: call .sink(..)".into()))?;
+        let lock = self.source.begin()?;
+        let dead_in_a_row = self
+            .source
+            .dead_in_a_row(self.storm_limit)
+            .unwrap_or_else(|e| {
+                // Not a reason to stay down: the guard starts from zero.
+                tracing::warn!(error = %e, "could not count the dead letters below the tail; the dead-letter storm guard starts from 0");
+                0
+            });
         let (stop_tx, stop_rx) = watch::channel(Mode::Running);
         let tail = self.source.tail()?;
         let (delivered_tx, delivered_rx) = watch::channel(tail.saturating_sub(1));
@@ -212,9 +335,12 @@ impl RelayBuilder {
             batch_bytes: self.batch_bytes,
             linger: self.linger,
             max_attempts: self.max_attempts,
+            storm_limit: self.storm_limit,
             backoff: self.backoff,
             metrics: self.metrics.clone(),
             delivered: delivered_tx,
+            dead_in_a_row,
+            _lock: lock,
         };
         let task = async move {
             let result = worker.run(stop_rx).await;
@@ -278,13 +404,19 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// A builder for a relay shipping `store`'s outbox.
+    /// A builder for a relay shipping `store`'s outbox. Starting it takes
+    /// the store's relay lock (`<store>/relay/LOCK`), which a sidecar and
+    /// `outbox-relay run --drain` take too: a second relay on one store
+    /// fails with [`Error::RelayLocked`]. The lock is released when the
+    /// relay stops.
     pub fn builder(store: &Store) -> RelayBuilder {
         Relay::builder_for(store.outbox())
     }
 
     /// A builder for a relay shipping from any [`OutboxSource`] (e.g. a
-    /// [`SidecarSource`](sidecar::SidecarSource)).
+    /// [`SidecarSource`](sidecar::SidecarSource), which holds the relay
+    /// lock itself; an [`Outbox`] takes it when the relay starts, see
+    /// [`OutboxSource::begin`]).
     pub fn builder_for(source: impl OutboxSource) -> RelayBuilder {
         RelayBuilder {
             source: Arc::new(source),
@@ -293,6 +425,7 @@ impl Relay {
             batch_bytes: 4 << 20,
             linger: Duration::ZERO,
             max_attempts: 5,
+            storm_limit: 20,
             backoff: Backoff::default(),
             metrics: RelayMetrics::new(),
         }
@@ -379,18 +512,40 @@ struct Worker {
     batch_bytes: usize,
     linger: Duration,
     max_attempts: u32,
+    storm_limit: u32,
     backoff: Backoff,
     metrics: RelayMetrics,
     delivered: watch::Sender<u64>,
+    /// Entries dead-lettered in a row just below the tail at start.
+    dead_in_a_row: u32,
+    /// What the source's `begin` returned (an in-process relay's lock),
+    /// held while the worker runs.
+    _lock: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Attempts of an entry that failed at least once: (count, first failure).
 type Attempts = HashMap<u64, (u32, u64)>;
 
+/// What the worker remembers between rounds.
+#[derive(Default)]
+struct Memory {
+    attempts: Attempts,
+    /// Entries acknowledged beyond the first failing one: not published
+    /// again while the relay retries the failing one (re-publishing them
+    /// every round could store them twice once the broker's duplicate
+    /// window has passed).
+    acked_ahead: std::collections::BTreeSet<u64>,
+    /// Entries dead-lettered in a row, with no acknowledgement between.
+    dead_in_a_row: u32,
+}
+
 impl Worker {
     async fn run(self, mut stop: watch::Receiver<Mode>) -> Result<()> {
         let outbox = self.source.clone();
-        let mut attempts: Attempts = HashMap::new();
+        let mut memory = Memory {
+            dead_in_a_row: self.dead_in_a_row,
+            ..Memory::default()
+        };
         let mut failed_rounds = 0u32;
         let mut jitter = Jitter::new();
         loop {
@@ -436,20 +591,73 @@ impl Worker {
             self.metrics
                 .oldest_undelivered_age_seconds
                 .set(age as f64 / 1e6);
-            self.metrics.published.inc_by(batch.len() as u64);
-            let outcomes = tokio::select! {
-                o = self.sink.publish(&batch) => o,
-                _ = must_stop(&mut stop) => return Ok(()),
+            // Entries acknowledged in an earlier round are not sent again.
+            let (to_send, skipped): (Vec<OutboxEntry>, Vec<OutboxEntry>) = batch
+                .iter()
+                .cloned()
+                .partition(|e| !memory.acked_ahead.contains(&e.seq));
+            self.metrics.published.inc_by(to_send.len() as u64);
+            let sent = if to_send.is_empty() {
+                Vec::new()
+            } else {
+                self.metrics.publish_started();
+                let publish = self.sink.publish(&to_send);
+                tokio::pin!(publish);
+                let started = Instant::now();
+                let mut report = tokio::time::interval_at(
+                    (started + PUBLISH_WAIT_REPORT).into(),
+                    PUBLISH_WAIT_REPORT,
+                );
+                let sent = loop {
+                    tokio::select! {
+                        o = &mut publish => break o,
+                        _ = report.tick() => {
+                            // A sink that waits for the broker (a Kafka
+                            // producer retrying without a timeout, a hung
+                            // connection): say so, and count the sink down.
+                            self.metrics.sink_up.set(0);
+                            tracing::warn!(
+                                sink = self.sink.name(),
+                                seq = tail,
+                                waited = ?started.elapsed(),
+                                "a publish is still waiting for the broker"
+                            );
+                        }
+                        _ = must_stop(&mut stop) => {
+                            self.metrics.publish_ended();
+                            return Ok(());
+                        }
+                    }
+                };
+                self.metrics.publish_ended();
+                sent
             };
-            let settled = self.settle(&batch, outcomes, &mut attempts);
+            let outcomes = merge_outcomes(&batch, &to_send, sent, &skipped);
+            let settled = self.settle(&batch, outcomes, &mut memory);
+            if settled.fatal.is_some() && settled.through >= tail {
+                outbox.settle(settled.through, &settled.dead)?;
+            }
+            if let Some(error) = settled.fatal {
+                self.metrics.sink_up.set(0);
+                return Err(Error::Broker {
+                    sink: self.sink.name().to_string(),
+                    message: error,
+                });
+            }
             if settled.through >= tail {
                 outbox.settle(settled.through, &settled.dead)?;
-                attempts.retain(|&seq, _| seq > settled.through);
+                memory.attempts.retain(|&seq, _| seq > settled.through);
+                memory.acked_ahead = memory.acked_ahead.split_off(&(settled.through + 1));
                 self.metrics.delivered_seq.set(settled.through as i64);
                 self.delivered.send_replace(settled.through);
             }
-            if settled.blocked {
-                self.metrics.sink_up.set(0);
+            if settled.blocked && settled.held && settled.through >= tail {
+                // Held behind an entry that settled this round: go on at
+                // once (the sink is fine; nothing to back off from).
+                self.metrics.sink_up.set(1);
+                failed_rounds = 0;
+            } else if settled.blocked {
+                self.metrics.sink_up.set(i64::from(!settled.broker_wide));
                 failed_rounds = failed_rounds.saturating_add(1);
                 let delay = self.backoff.delay(failed_rounds, jitter.next_unit());
                 tracing::warn!(
@@ -472,18 +680,24 @@ impl Worker {
 
     /// Walks the outcomes in seq order: everything up to the first entry that
     /// is still failing is settled (acknowledged or dead-lettered).
+    /// Rejections count toward `max_attempts` only for the entry that
+    /// blocks (not for entries waiting behind it), and never past the
+    /// dead-letter storm limit.
     fn settle(
         &self,
         batch: &[crate::OutboxEntry],
         mut outcomes: Vec<Outcome>,
-        attempts: &mut Attempts,
+        memory: &mut Memory,
     ) -> Settled {
         let now = now_micros();
         let mut settled = Settled {
             through: batch.first().map_or(0, |e| e.seq.saturating_sub(1)),
             dead: Vec::new(),
             blocked: false,
+            held: false,
+            broker_wide: false,
             first_error: String::new(),
+            fatal: None,
         };
         if outcomes.len() != batch.len() {
             let error = format!(
@@ -499,56 +713,150 @@ impl Worker {
                 })
                 .collect();
         }
+        let mut storm = false;
         for (entry, outcome) in batch.iter().zip(outcomes) {
             match outcome {
                 Outcome::Acked { duplicate, .. } => {
-                    self.metrics.acked.inc();
-                    if duplicate {
-                        self.metrics.duplicates.inc();
+                    if !memory.acked_ahead.contains(&entry.seq) {
+                        self.metrics.acked.inc();
+                        if duplicate {
+                            self.metrics.duplicates.inc();
+                        }
                     }
-                    if !settled.blocked {
+                    if settled.blocked {
+                        memory.acked_ahead.insert(entry.seq);
+                    } else {
                         settled.through = entry.seq;
-                        let latency = now.saturating_sub(entry.created_at_micros);
-                        self.metrics
-                            .commit_to_ack_seconds
-                            .observe(latency as f64 / 1e6);
+                        memory.dead_in_a_row = 0;
+                        if !memory.acked_ahead.contains(&entry.seq) {
+                            let latency = now.saturating_sub(entry.created_at_micros);
+                            self.metrics
+                                .commit_to_ack_seconds
+                                .observe(latency as f64 / 1e6);
+                        }
                     }
                 }
                 Outcome::Retry { error } => {
                     self.metrics.failed.inc();
-                    attempts.entry(entry.seq).or_insert((0, now)).0 += 1;
                     if !settled.blocked {
                         settled.blocked = true;
+                        settled.broker_wide = true;
                         settled.first_error = error;
+                    }
+                }
+                Outcome::Held { reason } => {
+                    if !settled.blocked {
+                        settled.blocked = true;
+                        settled.held = true;
+                        settled.first_error = reason;
+                    }
+                }
+                Outcome::Fatal { error } => {
+                    self.metrics.failed.inc();
+                    if !settled.blocked {
+                        settled.blocked = true;
+                        settled.broker_wide = true;
+                        settled.first_error = error.clone();
+                        settled.fatal = Some(error);
                     }
                 }
                 Outcome::Rejected { error, permanent } => {
                     self.metrics.failed.inc();
-                    let a = attempts.entry(entry.seq).or_insert((0, now));
-                    a.0 += 1;
                     if settled.blocked {
+                        // Waiting behind a failing entry: this round does
+                        // not count against it.
                         continue;
                     }
-                    if permanent || a.0 >= self.max_attempts {
-                        tracing::warn!(seq = entry.seq, id = %entry.id, %error, "dead-lettering outbox entry");
-                        self.metrics.dead_lettered.inc();
-                        settled.dead.push(DeadLetter {
-                            entry: entry.clone(),
-                            error,
-                            attempts: a.0,
-                            first_failed_micros: a.1,
-                            dead_at_micros: now,
-                        });
-                        settled.through = entry.seq;
-                    } else {
+                    let a = memory.attempts.entry(entry.seq).or_insert((0, now));
+                    a.0 += 1;
+                    if !(permanent || a.0 >= self.max_attempts) {
                         settled.blocked = true;
                         settled.first_error = error;
+                        continue;
                     }
+                    if memory.dead_in_a_row >= self.storm_limit {
+                        // Many entries in a row refused: more likely the
+                        // broker than the entries. Hold, alert, back off.
+                        storm = true;
+                        settled.blocked = true;
+                        settled.broker_wide = true;
+                        settled.first_error = format!(
+                            "dead-letter storm: {} entries in a row were dead-lettered \
+                             (limit {}); holding seq {} instead ({error})",
+                            memory.dead_in_a_row, self.storm_limit, entry.seq
+                        );
+                        continue;
+                    }
+                    tracing::warn!(seq = entry.seq, id = %entry.id, %error, "dead-lettering outbox entry");
+                    self.metrics.dead_lettered.inc();
+                    memory.dead_in_a_row += 1;
+                    settled.dead.push(DeadLetter {
+                        entry: entry.clone(),
+                        error,
+                        attempts: a.0,
+                        first_failed_micros: a.1,
+                        dead_at_micros: now,
+                    });
+                    settled.through = entry.seq;
                 }
             }
         }
+        if storm {
+            tracing::error!(
+                sink = self.sink.name(),
+                limit = self.storm_limit,
+                "dead-letter storm: stopped dead-lettering; check the broker, then replay the \
+                 dead letters or raise the limit"
+            );
+        }
+        self.metrics.dead_letter_storm.set(i64::from(storm));
         settled
     }
+}
+
+/// Puts the outcomes of the entries sent (`sent`, for `to_send`) and of
+/// those skipped as acknowledged before back in `batch`'s order.
+fn merge_outcomes(
+    batch: &[OutboxEntry],
+    to_send: &[OutboxEntry],
+    sent: Vec<Outcome>,
+    skipped: &[OutboxEntry],
+) -> Vec<Outcome> {
+    if skipped.is_empty() {
+        return sent;
+    }
+    if sent.len() != to_send.len() {
+        // A sink's mistake: never settle on outcomes that may be misaligned.
+        let error = format!(
+            "the sink returned {} outcomes for {} entries",
+            sent.len(),
+            to_send.len()
+        );
+        return batch
+            .iter()
+            .map(|_| Outcome::Retry {
+                error: error.clone(),
+            })
+            .collect();
+    }
+    let mut sent = sent.into_iter();
+    let mut next_sent = to_send.iter();
+    let mut pending = next_sent.next();
+    batch
+        .iter()
+        .map(|e| match pending {
+            Some(s) if s.seq == e.seq => {
+                pending = next_sent.next();
+                sent.next().unwrap_or(Outcome::Retry {
+                    error: "no outcome recorded".into(),
+                })
+            }
+            _ => Outcome::Acked {
+                position: None,
+                duplicate: false,
+            },
+        })
+        .collect()
 }
 
 struct Settled {
@@ -557,7 +865,16 @@ struct Settled {
     dead: Vec<DeadLetter>,
     /// An entry is still failing: back off, then publish again from it.
     blocked: bool,
+    /// The entry that blocks was only held back by the sink (behind an
+    /// earlier entry of its key that settled this round): publish again
+    /// after the shortest backoff, without counting a failed round.
+    held: bool,
+    /// The failure is the broker's (a `Retry`, or a dead-letter storm), not
+    /// the entry's: the sink counts as down.
+    broker_wide: bool,
     first_error: String,
+    /// The sink cannot go on: stop the relay with this error.
+    fatal: Option<String>,
 }
 
 /// Resolves when the relay must stop what it is waiting for: at once on a

@@ -18,13 +18,14 @@ use crate::outbox::dead::DeadLetter;
 use crate::outbox::entry::OutboxEntry;
 use crate::outbox::handoff::{RELAY_DIR, check_owner, cursor_path, read_cursor};
 use crate::store::StoreReader;
-use crate::store::open::{DB_DIR, lock, write_file_atomic};
+use crate::store::open::{DB_DIR, write_file_atomic};
 use crate::store::reader::check_store;
 
 /// The outbox of a store another process owns, as a relay source.
 ///
-/// Opening it takes the sidecar lock (`<store>/relay/LOCK`: one sidecar per
-/// store, a second gets [`Error::Locked`]), reads the cursor file, and opens
+/// Opening it takes the relay lock (`<store>/relay/LOCK`: one relay of any
+/// kind per store, a second gets [`Error::RelayLocked`]), reads the cursor
+/// file, and opens
 /// the store as a RocksDB secondary (its files in `<store>/relay/secondary`).
 /// It catches up with the owner when the owner writes its log (on Linux it
 /// watches the database folder with inotify; a burst of writes is caught up
@@ -64,6 +65,66 @@ pub struct SidecarSource {
     wake: Arc<Notify>,
     _watch: LogWatch,
     _lock: File,
+    health: CatchUpHealth,
+}
+
+/// Whether a sidecar's catch-ups with the owner work: for a health check
+/// (`outbox-relay`'s `/healthz`). Cheap to clone (clones share the state).
+#[derive(Debug, Clone, Default)]
+pub struct CatchUpHealth(Arc<Mutex<Option<Failing>>>);
+
+/// Catch-ups failing: the last error, since when, and when it was last
+/// logged.
+#[derive(Debug)]
+struct Failing {
+    error: String,
+    since: std::time::Instant,
+    logged: std::time::Instant,
+}
+
+/// How often a catch-up failure that goes on is logged again (every
+/// attempt, 50 a second, would flood the log).
+const LOG_AGAIN_AFTER: Duration = Duration::from_secs(10);
+
+impl CatchUpHealth {
+    /// The last catch-up error and how long catch-ups have failed, while
+    /// they fail; `None` once one succeeds.
+    pub fn failing(&self) -> Option<(String, Duration)> {
+        self.0
+            .lock()
+            .as_ref()
+            .map(|f| (f.error.clone(), f.since.elapsed()))
+    }
+
+    /// Records a catch-up's outcome and logs a failure when it starts and
+    /// every `LOG_AGAIN_AFTER` while it lasts (with the error of the
+    /// moment), and the recovery.
+    fn record(&self, outcome: std::result::Result<(), String>) {
+        let mut state = self.0.lock();
+        let now = std::time::Instant::now();
+        match (outcome, state.as_mut()) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(f)) => {
+                tracing::info!(failed_for = ?f.since.elapsed(), "sidecar catch-ups work again");
+                *state = None;
+            }
+            (Err(error), Some(f)) => {
+                if now.duration_since(f.logged) >= LOG_AGAIN_AFTER {
+                    tracing::warn!(%error, failing_for = ?f.since.elapsed(), "sidecar could not catch up with the store or fsync its log");
+                    f.logged = now;
+                }
+                f.error = error;
+            }
+            (Err(error), None) => {
+                tracing::warn!(%error, "sidecar could not catch up with the store or fsync its log");
+                *state = Some(Failing {
+                    error,
+                    since: now,
+                    logged: now,
+                });
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for SidecarSource {
@@ -84,18 +145,41 @@ impl SidecarSource {
         let path = path.as_ref();
         let meta = check_store(path)?;
         let cursor_file = cursor_path(path);
+        // Checked before the lock file is written (a damaged cursor or one
+        // of another store leaves everything as it was) ...
+        if let Some(c) = read_cursor(&cursor_file)? {
+            check_owner(&c, &cursor_file, meta.store_id)?;
+        }
+        let lock_file = super::take_relay_lock(path)?;
+        // ... and read again under the lock: the one in force is the last
+        // one the previous relay wrote, not one it was about to replace.
         let cursor = read_cursor(&cursor_file)?;
         if let Some(c) = &cursor {
             check_owner(c, &cursor_file, meta.store_id)?;
         }
         let dir = path.join(RELAY_DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
-        let lock_file = lock(&dir)?;
         let reader = StoreReader::open(path, dir.join("secondary"))?;
         let durable = Arc::new(AtomicU64::new(0));
         make_durable(&reader, &durable)?;
         let wake = Arc::new(Notify::new());
         let watch = LogWatch::start(&path.join(DB_DIR), wake.clone());
+        if let Some(c) = &cursor {
+            let head = reader.head()?;
+            if c.delivered_through > head {
+                // Everything a sidecar ships is in the store's log: a
+                // cursor past it means the store was rolled back.
+                return Err(Error::corruption(
+                    cursor_file.display().to_string(),
+                    format!(
+                        "the relay cursor says seq {} was delivered, but the store's last seq \
+                         is {head}: the store was restored from an older copy of itself, or \
+                         the cursor was; if the store is right, remove the cursor file \
+                         (events it delivered may then be delivered again)",
+                        c.delivered_through
+                    ),
+                ));
+            }
+        }
         let floor = reader.tail()?.saturating_sub(1);
         let mut state = cursor.unwrap_or(RelayCursor {
             store: meta.store_id,
@@ -112,6 +196,7 @@ impl SidecarSource {
             wake,
             _watch: watch,
             _lock: lock_file,
+            health: CatchUpHealth::default(),
         })
     }
 
@@ -124,9 +209,41 @@ impl SidecarSource {
     pub fn delivered_through(&self) -> u64 {
         self.state.lock().delivered_through
     }
+
+    /// Whether its catch-ups with the owner work (a handle that stays
+    /// valid after the source is handed to a relay).
+    pub fn catch_up_health(&self) -> CatchUpHealth {
+        self.health.clone()
+    }
 }
 
 impl OutboxSource for SidecarSource {
+    /// Counts both the dead entries of the cursor that the service has not
+    /// moved yet and those already in the store's dead-letter table.
+    fn dead_in_a_row(&self, limit: u32) -> Result<u32> {
+        let tail = self.tail()?;
+        let from = tail.saturating_sub(u64::from(limit)).max(1);
+        // Entries below the store's tail were moved to its table already
+        // (an operator may have purged or replayed them since).
+        let applied = self.reader.tail()?;
+        let pending: Vec<u64> = self
+            .state
+            .lock()
+            .dead
+            .iter()
+            .map(|d| d.seq)
+            .filter(|&seq| seq >= applied)
+            .collect();
+        let stored = self.reader.dead_letters(from, limit as usize)?;
+        Ok(super::count_dead_below(
+            tail,
+            pending
+                .into_iter()
+                .chain(stored.iter().map(|d| d.entry.seq)),
+            limit,
+        ))
+    }
+
     fn tail(&self) -> Result<u64> {
         Ok((self.state.lock().delivered_through + 1).max(self.reader.tail()?))
     }
@@ -157,7 +274,7 @@ impl OutboxSource for SidecarSource {
             error: d.error.clone(),
         }));
         if next.dead.len() > MAX_DEAD {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::RelayStopped(format!(
                 "{} dead entries wait for the store to apply them (at most {MAX_DEAD}); is the service running?",
                 next.dead.len()
             )));
@@ -172,6 +289,7 @@ impl OutboxSource for SidecarSource {
         let durable = self.durable.clone();
         let interval = self.interval;
         let wake = self.wake.clone();
+        let health = self.health.clone();
         Box::pin(async move {
             loop {
                 tokio::select! {
@@ -189,10 +307,16 @@ impl OutboxSource for SidecarSource {
                 })
                 .await;
                 match moved {
-                    Ok(Ok(true)) => return,
-                    Ok(Ok(false)) => {}
+                    Ok(Ok(true)) => {
+                        health.record(Ok(()));
+                        return;
+                    }
+                    Ok(Ok(false)) => health.record(Ok(())),
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "sidecar could not catch up with the store or fsync its log");
+                        health.record(Err(e.to_string()));
+                        // Wake-ups come every millisecond under load: do
+                        // not retry a failing catch-up that often.
+                        tokio::time::sleep(FAILED_CATCH_UP_PAUSE).await;
                     }
                     Err(_) => return,
                 }
@@ -214,6 +338,9 @@ fn make_durable(reader: &StoreReader, durable: &AtomicU64) -> Result<u64> {
     reader.sync_wal()?;
     Ok(durable.fetch_max(head, Ordering::AcqRel).max(head))
 }
+
+/// The least time between a failed catch-up and the next attempt.
+const FAILED_CATCH_UP_PAUSE: Duration = Duration::from_millis(100);
 
 /// Shortest wait between a wake-up and the catch-up it triggers.
 const WAKE_GAP: Duration = Duration::from_millis(1);

@@ -36,6 +36,23 @@ pub enum Outcome {
         /// Whether retrying cannot help.
         permanent: bool,
     },
+    /// The sink did not try this entry this round: an earlier entry of
+    /// the same key failed in this batch, and sending this one could put it
+    /// before that one at the broker. Nothing is counted against the entry
+    /// and the sink does not count as down; the relay publishes it again
+    /// (after the earlier one settles) without escalating its backoff.
+    Held {
+        /// Why it was held back.
+        reason: String,
+    },
+    /// The sink cannot go on at all (a setting it needs is refused, say the
+    /// restart scan's read permission): the relay stops, returning
+    /// [`Error::Broker`](crate::Error::Broker) with this error, and
+    /// settles nothing from this entry on.
+    Fatal {
+        /// What is wrong, for the operator.
+        error: String,
+    },
 }
 
 impl Outcome {

@@ -1,29 +1,144 @@
 //! The NATS JetStream sink.
+//!
+//! # Messages
+//!
+//! One message per outbox entry, on the subject rendered from the event
+//! type and key ([`NatsOptions::subject_template`]), with the event id as
+//! `Nats-Msg-Id` (JetStream drops a re-sent entry within the stream's
+//! duplicate window) and the event's own headers as message headers. The
+//! CloudEvents attributes follow the NATS protocol binding
+//! ([`ContentMode`]):
+//!
+//! - **Structured** (the default; the only mode of the released binding,
+//!   1.0.2): the payload is the event as a CloudEvents JSON object (see
+//!   [`cloudevents`]), `content-type: application/cloudevents+json`.
+//! - **Binary** (the 1.0.3 draft of the binding): the payload is the
+//!   entry's payload as it is; every attribute is a `ce-<name>` header with
+//!   a percent-encoded value, the content type included
+//!   (`ce-datacontenttype`); no `content-type` header (which the draft
+//!   reserves for structured messages).
+//!
+//! # Order
+//!
+//! Publishes are pipelined (up to [`NatsOptions::window`] awaiting their
+//! ack), but at most one per event key at a time: the next entry of a key
+//! is sent only once the previous one is acknowledged. A connection lost
+//! in the middle of a batch can lose a publish while a later one, still in
+//! the client's buffer, goes through after the reconnect; one per key at a
+//! time means that later one is never of the same key, so per-key order
+//! holds on the stream. Entries with an empty key have no order to keep
+//! and are not held back.
+//!
+//! # Failures
+//!
+//! Only what is wrong with the entry itself is a rejection: a message over
+//! the server's `max_payload` or the stream's `max_msg_size`, an invalid
+//! subject, an entry whose headers would not be safe to send (see
+//! [`cloudevents::unsafe_for_headers`]): the relay dead-letters those.
+//! Everything else (timeouts, a lost connection, no stream for the subject,
+//! a full stream with `discard: new`, insufficient resources, any other
+//! JetStream error) says nothing about the entry: the relay retries it,
+//! with backoff, for as long as it takes.
+//!
+//! The stream check at connect looks at one sample subject (the template
+//! rendered for type `outboxkv.check`): a stream narrower than the template
+//! (`events.orders.>` for `{prefix}.{type}`) is refused even if the service
+//! only emits `orders.*` types, and one that captures the sample but not
+//! every type (`events.*.*` and a type without a dot) passes; the entries
+//! it does not capture then find no stream and are retried (the relay
+//! holds, `sink_up` is 0) until the stream is fixed.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectErrorKind, HeaderMap};
+use futures_util::{StreamExt, stream::FuturesOrdered};
 
 use super::cloudevents;
 use crate::error::{Error, Result};
 use crate::outbox::entry::OutboxEntry;
+use crate::redact::{redact_url, scrub};
 use crate::relay::{BoxFuture, Outcome, Sink};
 
-/// The stream the sink makes sure exists at start-up.
+/// How the CloudEvents attributes travel (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ContentMode {
+    /// The event as a CloudEvents JSON object in the payload (binding 1.0.2).
+    #[default]
+    Structured,
+    /// Attributes as `ce-*` headers, the payload as it is (binding 1.0.3 draft).
+    Binary,
+}
+
+/// The stream the sink makes sure exists at start-up, or checks: an
+/// existing stream must capture the subjects the template renders and
+/// deduplicate over at least `duplicate_window`, else
+/// [`NatsSink::connect`] fails with [`Error::Broker`] saying what differs.
 #[derive(Debug, Clone)]
 pub struct StreamSetup {
     /// Stream name.
     pub name: String,
-    /// Subjects the stream captures (e.g. `events.>`).
+    /// Subjects the stream captures (e.g. `events.>`) when it is created.
     pub subjects: Vec<String>,
-    /// How long JetStream remembers message ids for deduplication. Redelivery
-    /// after a relay restart is only deduplicated within this window.
-    /// Default: 2 minutes (JetStream's default).
+    /// How long JetStream remembers message ids for deduplication:
+    /// redelivery after a relay restart (or after a publish whose ack was
+    /// lost) is deduplicated only within this window, so it should cover
+    /// the longest time a relay may need to come back. Default: 2 minutes
+    /// (JetStream's default).
     pub duplicate_window: Duration,
+}
+
+impl StreamSetup {
+    /// A stream named `name` capturing exactly what `opts` publishes to: the
+    /// subject template up to its first placeholder, then `>` (so
+    /// `{prefix}.{type}` with prefix `events` captures `events.>`), with
+    /// the default duplicate window. Fails for a template that starts with
+    /// a placeholder: such a stream would capture every subject.
+    pub fn for_template(name: impl Into<String>, opts: &NatsOptions) -> Result<StreamSetup> {
+        let fixed = opts
+            .template
+            .replace("{prefix}", &opts.prefix)
+            .split('{')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let subject = if fixed.len() == opts.template.replace("{prefix}", &opts.prefix).len() {
+            fixed
+        } else if let Some(stem) = fixed.strip_suffix('.').filter(|s| !s.is_empty()) {
+            format!("{stem}.>")
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "the subject template {:?} has no fixed first token to give a stream its \
+                 subjects; add a prefix ({{prefix}}.{{type}}) or create the stream yourself",
+                opts.template
+            )));
+        };
+        Ok(StreamSetup {
+            name: name.into(),
+            subjects: vec![subject],
+            duplicate_window: Duration::from_secs(120),
+        })
+    }
+}
+
+/// Whether the NATS subject filter `filter` (with `*` and `>` wildcards)
+/// matches `subject`.
+fn filter_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Options for [`NatsSink::connect`].
@@ -40,7 +155,7 @@ pub struct StreamSetup {
 ///     });
 /// assert_eq!(opts.subject_for("orders.paid"), "events.orders.paid");
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct NatsOptions {
     url: String,
@@ -49,10 +164,31 @@ pub struct NatsOptions {
     stream: Option<StreamSetup>,
     window: usize,
     ack_timeout: Duration,
+    mode: ContentMode,
     user: Option<(String, String)>,
     token: Option<String>,
     credentials: Option<PathBuf>,
     root_ca: Option<PathBuf>,
+}
+
+/// Secrets are never printed: the password, the token, and any
+/// credentials in the URL show as `<redacted>`.
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsOptions")
+            .field("url", &redact_url(&self.url))
+            .field("template", &self.template)
+            .field("prefix", &self.prefix)
+            .field("stream", &self.stream)
+            .field("window", &self.window)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("mode", &self.mode)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("credentials", &self.credentials)
+            .field("root_ca", &self.root_ca)
+            .finish()
+    }
 }
 
 impl NatsOptions {
@@ -65,6 +201,7 @@ impl NatsOptions {
             stream: None,
             window: 1000,
             ack_timeout: Duration::from_secs(5),
+            mode: ContentMode::Structured,
             user: None,
             token: None,
             credentials: None,
@@ -102,6 +239,13 @@ impl NatsOptions {
     /// (and is retried). Default: 5 s.
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = timeout;
+        self
+    }
+
+    /// How the CloudEvents attributes travel. Default:
+    /// [`ContentMode::Structured`].
+    pub fn content_mode(mut self, mode: ContentMode) -> Self {
+        self.mode = mode;
         self
     }
 
@@ -154,80 +298,140 @@ fn valid_subject(s: &str) -> bool {
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
-/// Publishes to NATS JetStream, pipelined, with the event id as
-/// `Nats-Msg-Id` so JetStream drops re-sent entries within its duplicate
-/// window, and the CloudEvents attributes as `ce-*` headers (binary mode).
+/// Publishes to NATS JetStream (see the module documentation for the
+/// messages, the order and the failures).
 #[derive(Debug)]
 pub struct NatsSink {
     opts: NatsOptions,
     js: jetstream::Context,
 }
 
+/// A sample subject the template renders, to check a stream against (a
+/// type with a dot, as most are).
+const SAMPLE_TYPE: &str = "outboxkv.check";
+
 impl NatsSink {
-    /// Connects (and creates the stream, if configured).
+    /// Connects, and creates or checks the stream if one is configured.
+    ///
+    /// Fails with [`Error::Broker`] whose message starts with what is
+    /// wrong: `unreachable:` (no server answered: not up, wrong address),
+    /// `refused:` (credentials or TLS refused), `stream:` (the stream is
+    /// missing and could not be created, or does not capture the subjects
+    /// the template renders, or deduplicates over a shorter window than
+    /// configured). Secrets never appear in it.
     pub async fn connect(opts: NatsOptions) -> Result<NatsSink> {
+        let url = redact_url(&opts.url);
+        let secrets = opts.secrets();
         let broker = |message: String| Error::Broker {
             sink: "nats".into(),
-            message,
+            message: scrub(&message, &secrets),
         };
-        // A first attempt without retries tells refused credentials, a bad
-        // address or bad TLS apart from a server that is not up yet; only the
-        // latter is worth retrying in the background.
-        let first = tokio::time::timeout(
-            Duration::from_secs(5),
-            Self::connect_options(&opts, false)
-                .await?
-                .connect(opts.url.as_str()),
-        )
-        .await;
-        let client = match first {
-            Ok(Ok(client)) => client,
-            Ok(Err(e))
-                if matches!(
-                    e.kind(),
-                    ConnectErrorKind::AuthorizationViolation
-                        | ConnectErrorKind::Authentication
-                        | ConnectErrorKind::ServerParse
-                        | ConnectErrorKind::Tls
-                ) =>
-            {
-                return Err(broker(format!("connect to {}: {e}", opts.url)));
-            }
-            _ => tokio::time::timeout(
-                Duration::from_secs(10),
-                Self::connect_options(&opts, true)
+        // Attempts without the client's own background retries (a client
+        // that retries in the background returns at once, and each failed
+        // `connect` would leave one behind): refused credentials, a bad
+        // address or bad TLS fail at once; a server that is not up yet is
+        // tried again for up to 10 s (a sidecar's caller retries longer).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                Self::connect_options(&opts)
                     .await?
                     .connect(opts.url.as_str()),
             )
-            .await
-            .map_err(|_| broker(format!("connecting to {} timed out", opts.url)))?
-            .map_err(|e| broker(format!("connect to {}: {e}", opts.url)))?,
+            .await;
+            match attempt {
+                Ok(Ok(client)) => break client,
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        ConnectErrorKind::AuthorizationViolation
+                            | ConnectErrorKind::Authentication
+                            | ConnectErrorKind::ServerParse
+                            | ConnectErrorKind::Tls
+                    ) =>
+                {
+                    return Err(broker(format!("refused: connect to {url}: {e}")));
+                }
+                Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(broker(format!("unreachable: connect to {url}: {e}")));
+                }
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(broker(format!(
+                        "unreachable: connecting to {url} timed out"
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
         };
         let mut js = jetstream::new(client);
         js.set_timeout(opts.ack_timeout);
-        if let Some(s) = &opts.stream {
-            js.get_or_create_stream(stream::Config {
-                name: s.name.clone(),
-                subjects: s.subjects.clone(),
-                duplicate_window: s.duplicate_window,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| broker(format!("create stream {}: {e}", s.name)))?;
+        if let Some(setup) = &opts.stream {
+            Self::ensure_stream(&js, &opts, setup)
+                .await
+                .map_err(|m| broker(format!("stream: {m}")))?;
         }
         Ok(NatsSink { opts, js })
     }
 
-    async fn connect_options(
+    /// Creates the stream, or checks the existing one against `setup`.
+    async fn ensure_stream(
+        js: &jetstream::Context,
         opts: &NatsOptions,
-        retry: bool,
-    ) -> Result<async_nats::ConnectOptions> {
+        setup: &StreamSetup,
+    ) -> std::result::Result<(), String> {
+        let sample = opts.render(SAMPLE_TYPE, "k");
+        let config = match js.get_stream(&setup.name).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .map_err(|e| format!("stream {}: {e}", setup.name))?
+                .config
+                .clone(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                js.create_stream(stream::Config {
+                    name: setup.name.clone(),
+                    subjects: setup.subjects.clone(),
+                    duplicate_window: setup.duplicate_window,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("create stream {}: {e}", setup.name))?
+                .cached_info()
+                .config
+                .clone()
+            }
+            Err(e) => return Err(format!("look up stream {}: {e}", setup.name)),
+        };
+        if !config.subjects.iter().any(|f| filter_matches(f, &sample)) {
+            return Err(format!(
+                "stream {} captures {:?}, but the subject template {:?} publishes to subjects \
+                 such as {sample:?}: every publish would find no stream; change the template \
+                 or the stream's subjects",
+                setup.name, config.subjects, opts.template
+            ));
+        }
+        if config.duplicate_window < setup.duplicate_window {
+            return Err(format!(
+                "stream {} deduplicates over {:?}, less than the {:?} the relay is configured \
+                 for: entries re-sent after a longer outage would be stored twice; raise the \
+                 stream's duplicate_window or lower the relay's",
+                setup.name, config.duplicate_window, setup.duplicate_window
+            ));
+        }
+        Ok(())
+    }
+
+    async fn connect_options(opts: &NatsOptions) -> Result<async_nats::ConnectOptions> {
         let mut connect = async_nats::ConnectOptions::new()
             .name("outboxkv-relay")
             .connection_timeout(Duration::from_secs(5));
-        if retry {
-            connect = connect.retry_on_initial_connect();
-        }
         if let Some((u, p)) = &opts.user {
             connect = connect.user_and_password(u.clone(), p.clone());
         }
@@ -251,44 +455,86 @@ impl NatsSink {
         &self.js
     }
 
-    fn headers(entry: &OutboxEntry, id: &str) -> HeaderMap {
+    /// The message of `entry`: its headers and payload.
+    fn message(&self, entry: &OutboxEntry, id: &str) -> (HeaderMap, bytes::Bytes) {
         let mut h = HeaderMap::new();
+        // Checked before (`unsafe_for_headers`): no reserved names, no
+        // control characters.
         for (name, value) in &entry.headers {
             h.append(name.as_str(), value.as_str());
         }
         h.insert("Nats-Msg-Id", id);
-        h.insert("ce-specversion", cloudevents::SPEC_VERSION);
-        h.insert("ce-id", id);
-        h.insert("ce-source", cloudevents::source(entry));
-        h.insert("ce-type", entry.event_type.as_str());
-        h.insert("ce-subject", entry.key.as_str());
-        h.insert(
-            "ce-time",
-            cloudevents::rfc3339_micros(entry.created_at_micros),
-        );
-        h.insert("content-type", entry.content_type.as_str());
-        h
+        match self.opts.mode {
+            ContentMode::Structured => {
+                h.insert("content-type", cloudevents::STRUCTURED_JSON);
+                let body = cloudevents::to_json(entry).to_string();
+                (h, bytes::Bytes::from(body))
+            }
+            ContentMode::Binary => {
+                for (name, value) in cloudevents::binary_attributes(entry) {
+                    h.insert(
+                        format!("ce-{name}").as_str(),
+                        cloudevents::percent_encode(&value.to_header_value()).as_str(),
+                    );
+                }
+                if let Some(ct) = cloudevents::content_type(entry) {
+                    h.insert(
+                        "ce-datacontenttype",
+                        cloudevents::percent_encode(ct).as_str(),
+                    );
+                }
+                (h, bytes::Bytes::copy_from_slice(&entry.payload))
+            }
+        }
     }
 }
 
-fn classify(kind: PublishErrorKind, error: String) -> Outcome {
+impl NatsOptions {
+    /// The secret strings of these options, to scrub from error texts.
+    fn secrets(&self) -> Vec<String> {
+        let mut s: Vec<String> = Vec::new();
+        if let Some((_, p)) = &self.user {
+            s.push(p.clone());
+        }
+        if let Some(t) = &self.token {
+            s.push(t.clone());
+        }
+        if let Some((_, rest)) = self.url.split_once("://")
+            && let Some((creds, _)) = rest.rsplit_once('@')
+        {
+            s.push(creds.to_string());
+            s.extend(creds.split(':').map(str::to_string));
+        }
+        s.retain(|x| x.len() >= 3);
+        s
+    }
+}
+
+/// What a failed publish says about the entry.
+fn classify(kind: PublishErrorKind, error: String, code: Option<u64>) -> Outcome {
+    const MESSAGE_EXCEEDS_MAXIMUM: u64 = 10054;
     match kind {
         PublishErrorKind::MaxPayloadExceeded => Outcome::Rejected {
             error,
             permanent: true,
         },
-        PublishErrorKind::Other if error.contains("message size") => Outcome::Rejected {
+        PublishErrorKind::Other if code == Some(MESSAGE_EXCEEDS_MAXIMUM) => Outcome::Rejected {
             error,
             permanent: true,
         },
-        PublishErrorKind::Other => Outcome::Rejected {
-            error,
-            permanent: false,
-        },
-        // Timeouts, broken connections, a stream that is not (yet) there,
-        // back-pressure: nothing wrong with the entry; retry until it works.
+        // Timeouts, broken connections, no stream for the subject, a full
+        // stream (discard new), insufficient resources, any other JetStream
+        // error: nothing wrong with the entry; retry until it works.
         _ => Outcome::Retry { error },
     }
+}
+
+/// The JetStream API error code behind a publish error, if there is one.
+fn api_code(e: &async_nats::jetstream::context::PublishError) -> Option<u64> {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+        .map(|e| e.error_code().0)
 }
 
 impl Sink for NatsSink {
@@ -299,36 +545,116 @@ impl Sink for NatsSink {
     fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-            let mut inflight: VecDeque<(usize, PublishAckFuture)> = VecDeque::new();
+            // Acks awaited together (each one's timeout runs from when it
+            // is first polled, so awaiting them one by one would add the
+            // timeouts of acks a lost connection took up), in send order.
+            let mut inflight: FuturesOrdered<BoxFuture<'_, (usize, Outcome)>> =
+                FuturesOrdered::new();
+            // Per key: the entry in flight, and whether the key has failed in
+            // this batch (its later entries then wait for the next round).
+            let mut busy: HashMap<&str, usize> = HashMap::new();
+            let mut failed: HashMap<&str, ()> = HashMap::new();
             for (i, entry) in batch.iter().enumerate() {
+                let key = entry.key.as_str();
+                // Refused before sending (judged first, so that a run of
+                // such entries settles in one round): the key's later
+                // entries wait too (the refusal may be held back by the
+                // storm guard).
+                if let Some(why) = cloudevents::unsafe_for_headers(entry) {
+                    outcomes[i] = Some(Outcome::Rejected {
+                        error: format!("not published: {why}"),
+                        permanent: true,
+                    });
+                    if !key.is_empty() {
+                        failed.insert(key, ());
+                    }
+                    continue;
+                }
                 let subject = self.opts.render(&entry.event_type, &entry.key);
                 if !valid_subject(&subject) {
                     outcomes[i] = Some(Outcome::Rejected {
                         error: format!("invalid NATS subject {subject:?}"),
                         permanent: true,
                     });
+                    if !key.is_empty() {
+                        failed.insert(key, ());
+                    }
                     continue;
                 }
+                if failed.contains_key(key) {
+                    outcomes[i] = Some(Outcome::Held {
+                        reason: "held back: an earlier entry of the same key is not delivered yet"
+                            .into(),
+                    });
+                    continue;
+                }
+                // One publish per key in flight: wait (in order) until this
+                // key's previous one is acknowledged.
+                if !key.is_empty() && busy.contains_key(key) {
+                    while let Some((j, outcome)) = inflight.next().await {
+                        let k = batch[j].key.as_str();
+                        if busy.get(k) == Some(&j) {
+                            busy.remove(k);
+                        }
+                        if !k.is_empty() && !matches!(outcome, Outcome::Acked { .. }) {
+                            failed.insert(k, ());
+                        }
+                        outcomes[j] = Some(outcome);
+                        if !busy.contains_key(key) {
+                            break;
+                        }
+                    }
+                    if failed.contains_key(key) {
+                        outcomes[i] = Some(Outcome::Held {
+                            reason: "held back: an earlier entry of the same key failed".into(),
+                        });
+                        continue;
+                    }
+                }
                 if inflight.len() >= self.opts.window
-                    && let Some((j, ack)) = inflight.pop_front()
+                    && let Some((j, outcome)) = inflight.next().await
                 {
-                    outcomes[j] = Some(await_ack(ack).await);
+                    let k = batch[j].key.as_str();
+                    if busy.get(k) == Some(&j) {
+                        busy.remove(k);
+                    }
+                    if !k.is_empty() && !matches!(outcome, Outcome::Acked { .. }) {
+                        failed.insert(k, ());
+                    }
+                    outcomes[j] = Some(outcome);
+                    if failed.contains_key(key) {
+                        outcomes[i] = Some(Outcome::Held {
+                            reason: "held back: an earlier entry of the same key failed".into(),
+                        });
+                        continue;
+                    }
                 }
                 let id = entry.id.to_string();
-                let headers = Self::headers(entry, &id);
-                let payload = bytes::Bytes::copy_from_slice(&entry.payload);
+                let (headers, payload) = self.message(entry, &id);
                 match self
                     .js
                     .publish_with_headers(subject, headers, payload)
                     .await
                 {
-                    Ok(ack) => inflight.push_back((i, ack)),
-                    Err(e) => outcomes[i] = Some(classify(e.kind(), e.to_string())),
+                    Ok(ack) => {
+                        if !key.is_empty() {
+                            busy.insert(key, i);
+                        }
+                        inflight.push_back(Box::pin(async move { (i, await_ack(ack).await) }));
+                    }
+                    Err(e) => {
+                        let code = api_code(&e);
+                        let outcome = classify(e.kind(), e.to_string(), code);
+                        if !key.is_empty() {
+                            failed.insert(key, ());
+                        }
+                        outcomes[i] = Some(outcome);
+                    }
                 }
             }
             // Every ack future is awaited: a dropped one would hide its error.
-            while let Some((j, ack)) = inflight.pop_front() {
-                outcomes[j] = Some(await_ack(ack).await);
+            while let Some((j, outcome)) = inflight.next().await {
+                outcomes[j] = Some(outcome);
             }
             outcomes
                 .into_iter()
@@ -348,7 +674,10 @@ async fn await_ack(ack: PublishAckFuture) -> Outcome {
             position: Some(format!("{}:{}", a.stream, a.sequence)),
             duplicate: a.duplicate,
         },
-        Err(e) => classify(e.kind(), e.to_string()),
+        Err(e) => {
+            let code = api_code(&e);
+            classify(e.kind(), e.to_string(), code)
+        }
     }
 }
 
@@ -366,6 +695,64 @@ mod tests {
         assert_eq!(
             o.render("orders.paid", "order-1"),
             "events.orders.paid.order-1"
+        );
+    }
+
+    #[test]
+    fn stream_subjects_follow_the_template() {
+        let o = NatsOptions::new("x");
+        assert_eq!(
+            StreamSetup::for_template("S", &o).unwrap().subjects,
+            ["events.>"]
+        );
+        let o = NatsOptions::new("x")
+            .subject_template("svc.{type}")
+            .prefix("p");
+        assert_eq!(
+            StreamSetup::for_template("S", &o).unwrap().subjects,
+            ["svc.>"]
+        );
+        let o = NatsOptions::new("x").subject_template("fixed.subject");
+        assert_eq!(
+            StreamSetup::for_template("S", &o).unwrap().subjects,
+            ["fixed.subject"]
+        );
+        let o = NatsOptions::new("x").subject_template("{type}");
+        assert!(StreamSetup::for_template("S", &o).is_err());
+    }
+
+    #[test]
+    fn filters() {
+        assert!(filter_matches("events.>", "events.orders.paid"));
+        assert!(!filter_matches("events.>", "events"));
+        assert!(filter_matches("events.*", "events.x"));
+        assert!(!filter_matches("events.*", "events.x.y"));
+        assert!(filter_matches("a.b", "a.b"));
+        assert!(!filter_matches("a.b", "a.c"));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_and_errors() {
+        let o = NatsOptions::new("nats://alice:s3cret-pw@127.0.0.1:4222")
+            .user_and_password("bob", "hunter22")
+            .token("tok-en-123");
+        let dbg = format!("{o:?}");
+        for secret in ["s3cret-pw", "hunter22", "tok-en-123"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
+        assert!(dbg.contains("127.0.0.1:4222"), "{dbg}");
+        assert_eq!(
+            redact_url("nats://alice:pw@host:4222/x"),
+            "nats://<redacted>@host:4222/x"
+        );
+        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
+        let text = scrub(
+            "auth failed for alice:s3cret-pw token tok-en-123",
+            &o.secrets(),
+        );
+        assert!(
+            !text.contains("s3cret-pw") && !text.contains("tok-en-123"),
+            "{text}"
         );
     }
 }

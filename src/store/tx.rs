@@ -472,7 +472,7 @@ impl<'s> WriteTx<'s> {
 
     /// Appends an event to the outbox as part of this transaction. Its seq and
     /// id are assigned at commit. Fails with [`Error::TooLarge`] past the event
-    /// size limit, [`Error::InvalidArgument`] for a malformed event.
+    /// size limit, [`Error::InvalidEvent`] for a malformed event (see [`Event`]).
     pub fn emit(&mut self, event: Event) -> Result<()> {
         self.staged.emit(event)
     }

@@ -13,9 +13,23 @@ pub async fn create_topic(
     partitions: i32,
     config: &[(&str, &str)],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
+    create_topic_as(bootstrap, &[], topic, partitions, config).await
+}
+
+/// [`create_topic`] with client settings (a login).
+pub async fn create_topic_as(
+    bootstrap: &str,
+    client: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    for (k, v) in client {
+        c.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> = c.create()?;
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     for (k, v) in config {
         new = new.set(k, v);

@@ -25,6 +25,18 @@ impl NatsServer {
         Self::start_in(tempfile::tempdir()?, args)
     }
 
+    /// Starts a server on `port` (which a test picked and something waits on).
+    pub fn start_on_port(port: u16) -> Result<NatsServer, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let url = run_start("nats.sh", dir.path(), &[port.to_string()], &[])?;
+        Ok(NatsServer {
+            dir,
+            url,
+            port,
+            args: Vec::new(),
+        })
+    }
+
     /// Starts a server with `config` (nats-server configuration syntax,
     /// e.g. `max_payload: 4096`) written to a file in its folder.
     pub fn start_with_config(config: &str) -> Result<NatsServer, Box<dyn std::error::Error>> {
@@ -175,6 +187,66 @@ impl KafkaBroker {
         })
     }
 
+    /// Starts a broker that authorizes with ACLs over SASL/PLAIN: user
+    /// `admin` (a super user, password `admin-secret`) and `users`, who may
+    /// do nothing until [`KafkaBroker::allow`] grants it. Readers log in as
+    /// admin.
+    pub fn start_with_acls(
+        users: &[(&str, &str)],
+    ) -> Result<KafkaBroker, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut list = vec!["admin:admin-secret".to_string()];
+        list.extend(users.iter().map(|(u, p)| format!("{u}:{p}")));
+        let list = list.join(",");
+        let bootstrap = run_start_env(
+            "kafka.sh",
+            dir.path(),
+            &["0".into(), "0".into()],
+            &[],
+            &[
+                ("OUTBOXKV_KAFKA_SASL_PLAIN", &list),
+                ("OUTBOXKV_KAFKA_ACL", "1"),
+            ],
+        )?;
+        let client = [
+            ("security.protocol", "SASL_PLAINTEXT"),
+            ("sasl.mechanism", "PLAIN"),
+            ("sasl.username", "admin"),
+            ("sasl.password", "admin-secret"),
+        ];
+        Ok(KafkaBroker {
+            dir,
+            bootstrap,
+            client: client
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    /// Allows `principal` (`User:name`) `operation` on `topic` (as admin).
+    pub fn allow(
+        &self,
+        principal: &str,
+        operation: &str,
+        topic: &str,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let out = Command::new("bash")
+            .arg(script("kafka.sh"))
+            .args(["acl"])
+            .arg(self.dir.path())
+            .args(["admin-secret", principal, operation, topic])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "kafka.sh acl failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     /// Stops the broker (a clean shutdown).
     pub fn stop(&self) -> Result<(), Box<dyn std::error::Error>> {
         run_stop("kafka.sh", self.dir.path())
@@ -205,4 +277,75 @@ pub fn incompressible(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Parses `messages` (see scripts/ce_check.py for their shape) with the
+/// official CloudEvents SDK for Python; one result per message. Fails (does
+/// not skip) when the SDK cannot be set up.
+pub fn cloudevents_parse(
+    messages: &[serde_json::Value],
+) -> Result<Vec<serde_json::Value>, Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let out = Command::new("bash")
+        .arg(script("cloudevents.sh"))
+        .arg("python")
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/cloudevents.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let python = String::from_utf8(out.stdout)?.trim().to_string();
+    let mut child = Command::new(python)
+        .arg(script("ce_check.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut input = String::new();
+    for m in messages {
+        input.push_str(&m.to_string());
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    writer.join().map_err(|_| "writer panicked")??;
+    if !out.status.success() {
+        return Err(format!("ce_check.py failed: {}", out.status).into());
+    }
+    let results: Vec<serde_json::Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    if results.len() != messages.len() {
+        return Err(format!("{} results for {} messages", results.len(), messages.len()).into());
+    }
+    Ok(results)
+}
+
+/// Runs `promtool check metrics` (Debian's `prometheus` package) on `text`;
+/// returns what it printed. Fails (does not skip) without promtool.
+pub fn promtool_check(text: &str) -> Result<(bool, String), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("promtool (Debian package prometheus) is needed: {e}"))?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), printed))
 }
