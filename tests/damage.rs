@@ -180,6 +180,7 @@ fn a_damaged_relay_cursor_prunes_nothing_and_says_why() -> TestResult {
     let cursor = outboxkv::outbox::cursor::RelayCursor {
         store: Store::options().relay_cursor_poll(None).open(&path)?.id(),
         delivered_through: 10,
+        through_created_micros: 0,
         dead: vec![],
     };
     let mut bytes = cursor.encode();

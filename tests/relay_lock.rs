@@ -153,3 +153,50 @@ async fn a_cursor_ahead_of_the_store_is_refused() -> TestResult {
     assert_eq!(store.outbox().depth(), 2, "nothing pruned");
     Ok(())
 }
+
+/// The same restore, but the service commits past the cursor's seq before
+/// anything looks at the cursor: the seqs now hold other entries. The
+/// cursor records the commit time of its last delivered entry, so the
+/// store (and a sidecar) still see that it is not their history, and
+/// nothing is pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_store_written_past_the_cursor_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = Store::open(&path)?;
+    store.write(|tx| tx.emit(Event::bytes("e", "k", vec![0])))?;
+    drop(store);
+    copy_dir(&path.join("db"), &dir.path().join("backup"))?;
+
+    let store = Store::options().relay_cursor_poll(None).open(&path)?;
+    store.write(|tx| (1..5u8).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
+    let source = SidecarSource::open(&path, Duration::from_millis(5))?;
+    let sidecar = Relay::builder_for(source)
+        .sink(FileSink::open(dir.path().join("out.jsonl"))?)
+        .start()?;
+    sidecar.wait_delivered(5, Duration::from_secs(10)).await?;
+    sidecar.shutdown(Shutdown::Now).await?;
+    drop(store);
+
+    std::fs::remove_dir_all(path.join("db"))?;
+    copy_dir(&dir.path().join("backup"), &path.join("db"))?;
+    let store = Store::options().relay_cursor_poll(None).open(&path)?;
+    store.write(|tx| (0..7u8).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
+    assert_eq!(store.outbox().head(), 8, "past the cursor's seq 5");
+    match store.outbox().apply_relay_cursor() {
+        Err(Error::Corruption { reason, .. }) => {
+            assert!(reason.contains("restored from an older copy"), "{reason}")
+        }
+        other => return Err(format!("expected Corruption, got {other:?}").into()),
+    }
+    let relay = Relay::builder(&store)
+        .sink(FileSink::open(dir.path().join("again.jsonl"))?)
+        .start();
+    assert!(matches!(relay, Err(Error::Corruption { .. })), "{relay:?}");
+    assert_eq!(store.outbox().depth(), 8, "nothing pruned");
+    match SidecarSource::open(&path, Duration::from_millis(5)) {
+        Err(Error::Corruption { .. }) => {}
+        other => return Err(format!("a sidecar opened: {:?}", other.map(|_| ())).into()),
+    }
+    Ok(())
+}

@@ -6,16 +6,17 @@
 //! reads that file and prunes what was delivered (moving entries the sidecar
 //! gave up on into its dead-letter table).
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! All integers little-endian.
 //!
 //! | bytes | field |
 //! |---|---|
 //! | 8 | magic `OKVCURSR` |
-//! | 4 | format version (1) |
+//! | 4 | format version (2; version 1 is read too) |
 //! | 16 | store id the cursor belongs to |
 //! | 8 | `delivered_through`: every seq up to it is delivered or dead |
+//! | 8 | `through_created_micros`: the commit time of the entry at `delivered_through` (0: unknown), to tell a store rolled back to an older copy of itself (whose next commits reuse the seq) from the one the sidecar read; not in version 1 |
 //! | 4 | number of dead entries (at most [`MAX_DEAD`]) |
 //! | per dead entry: 8 + 4 + 8 + 8 + 4 + n | seq, attempts, first failure µs, dead at µs, error length, error (UTF-8, at most [`MAX_ERROR_LEN`] bytes) |
 //! | 4 | CRC-32 (crc32fast) of everything before it |
@@ -30,8 +31,8 @@ use super::entry::StoreId;
 
 /// Magic bytes at the start of a cursor file.
 pub const CURSOR_MAGIC: &[u8; 8] = b"OKVCURSR";
-/// The cursor format this build writes and reads.
-pub const CURSOR_VERSION: u32 = 1;
+/// The cursor format this build writes (it reads this one and version 1).
+pub const CURSOR_VERSION: u32 = 2;
 /// Most dead entries one cursor file lists.
 pub const MAX_DEAD: usize = 10_000;
 
@@ -56,7 +57,12 @@ pub struct CursorDead {
 /// ```
 /// use outboxkv::StoreId;
 /// use outboxkv::outbox::cursor::RelayCursor;
-/// let c = RelayCursor { store: StoreId([1; 16]), delivered_through: 42, dead: vec![] };
+/// let c = RelayCursor {
+///     store: StoreId([1; 16]),
+///     delivered_through: 42,
+///     through_created_micros: 1_700_000_000_000_000,
+///     dead: vec![],
+/// };
 /// assert_eq!(RelayCursor::decode(&c.encode()).unwrap(), c);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +71,11 @@ pub struct RelayCursor {
     pub store: StoreId,
     /// Every seq up to this one is delivered (or listed in `dead`).
     pub delivered_through: u64,
+    /// The commit time (µs since the Unix epoch) of the entry at
+    /// `delivered_through`, 0 when unknown (a version 1 file, nothing
+    /// delivered yet). A store whose entry at that seq has another time was
+    /// rolled back: the cursor is not its own history.
+    pub through_created_micros: u64,
     /// Entries up to `delivered_through` that were dead-lettered, not
     /// delivered, in seq order.
     pub dead: Vec<CursorDead>,
@@ -85,6 +96,7 @@ impl RelayCursor {
         out.extend_from_slice(&CURSOR_VERSION.to_le_bytes());
         out.extend_from_slice(&self.store.0);
         out.extend_from_slice(&self.delivered_through.to_le_bytes());
+        out.extend_from_slice(&self.through_created_micros.to_le_bytes());
         out.extend_from_slice(&(dead.len() as u32).to_le_bytes());
         for d in dead {
             let error = truncate_utf8(&d.error, MAX_ERROR_LEN);
@@ -112,9 +124,9 @@ impl RelayCursor {
         }
         let mut r = Reader { buf: &body[8..] };
         let version = r.u32()?;
-        if version != CURSOR_VERSION {
+        if version != CURSOR_VERSION && version != 1 {
             return Err(err(format!(
-                "cursor format version {version}; this build reads {CURSOR_VERSION}"
+                "cursor format version {version}; this build reads 1 and {CURSOR_VERSION}"
             )));
         }
         let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
@@ -131,6 +143,7 @@ impl RelayCursor {
                 "delivered_through {delivered_through} is beyond the highest seq a store assigns"
             )));
         }
+        let through_created_micros = if version == 1 { 0 } else { r.u64()? };
         let count = r.u32()? as usize;
         if count > MAX_DEAD {
             return Err(err(format!("{count} dead entries (at most {MAX_DEAD})")));
@@ -171,6 +184,7 @@ impl RelayCursor {
         Ok(RelayCursor {
             store,
             delivered_through,
+            through_created_micros,
             dead,
         })
     }
@@ -224,6 +238,7 @@ mod tests {
         RelayCursor {
             store: StoreId([9; 16]),
             delivered_through: 100,
+            through_created_micros: 1_234_567,
             dead: vec![
                 CursorDead {
                     seq: 7,
@@ -241,6 +256,29 @@ mod tests {
                 },
             ],
         }
+    }
+
+    /// A version 1 file (no commit time of the last delivered entry) still
+    /// decodes, with the time unknown (0).
+    #[test]
+    fn version_1_files_still_decode() {
+        let c = sample();
+        let v2 = c.encode();
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&v2[..8]);
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&v2[12..12 + 16 + 8]);
+        v1.extend_from_slice(&v2[12 + 16 + 8 + 8..v2.len() - 4]);
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let decoded = RelayCursor::decode(&v1).expect("a version 1 cursor");
+        assert_eq!(
+            decoded,
+            RelayCursor {
+                through_created_micros: 0,
+                ..c
+            }
+        );
     }
 
     #[test]

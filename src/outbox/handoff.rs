@@ -95,6 +95,15 @@ impl Outbox {
         if through < tail {
             return Ok(tail);
         }
+        if cursor.through_created_micros != 0
+            && let Some(e) = self.get(through)?
+            && e.created_at_micros != cursor.through_created_micros
+        {
+            return Err(Error::corruption(
+                path.display().to_string(),
+                rolled_back(through),
+            ));
+        }
         let mut dead = Vec::new();
         for d in cursor
             .dead
@@ -113,6 +122,17 @@ impl Outbox {
         }
         self.complete_through(through, &dead)
     }
+}
+
+/// Why a cursor whose last delivered entry differs from the store's entry at
+/// that seq is refused.
+pub(crate) fn rolled_back(seq: u64) -> String {
+    format!(
+        "the relay cursor's last delivered entry (seq {seq}) is not the store's entry at that seq \
+         (another commit time): the store was restored from an older copy of itself and has \
+         committed other events since; if the store is right, remove the cursor file (events \
+         it delivered may then be delivered again)"
+    )
 }
 
 /// Starts a thread that applies the cursor file whenever its content

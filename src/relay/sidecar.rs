@@ -181,12 +181,19 @@ impl SidecarSource {
             }
         }
         let floor = reader.tail()?.saturating_sub(1);
+        if let Some(c) = &cursor {
+            check_history(c, &cursor_file, &reader)?;
+        }
         let mut state = cursor.unwrap_or(RelayCursor {
             store: meta.store_id,
             delivered_through: 0,
+            through_created_micros: 0,
             dead: Vec::new(),
         });
-        state.delivered_through = state.delivered_through.max(floor);
+        if floor > state.delivered_through {
+            state.delivered_through = floor;
+            state.through_created_micros = 0;
+        }
         Ok(SidecarSource {
             reader: Arc::new(reader),
             durable,
@@ -263,7 +270,16 @@ impl OutboxSource for SidecarSource {
         let applied = self.reader.tail()?;
         let mut state = self.state.lock();
         let mut next = state.clone();
-        next.delivered_through = next.delivered_through.max(through);
+        if through > next.delivered_through {
+            next.delivered_through = through;
+            // The commit time of the entry at `through`: how the store
+            // tells its own history from a rolled-back copy's.
+            next.through_created_micros = self
+                .reader
+                .read_through(through, through, 1, usize::MAX)?
+                .first()
+                .map_or(0, |e| e.created_at_micros);
+        }
         // Dead entries stay listed until the store has pruned past them.
         next.dead.retain(|d| d.seq >= applied);
         next.dead.extend(dead.iter().map(|d| CursorDead {
@@ -337,6 +353,28 @@ fn make_durable(reader: &StoreReader, durable: &AtomicU64) -> Result<u64> {
     }
     reader.sync_wal()?;
     Ok(durable.fetch_max(head, Ordering::AcqRel).max(head))
+}
+
+/// Refuses a cursor whose last delivered entry is not the one the store
+/// holds at that seq (another commit time): the store was rolled back to
+/// an older copy and has committed other entries at those seqs since.
+fn check_history(cursor: &RelayCursor, path: &Path, reader: &StoreReader) -> Result<()> {
+    let through = cursor.delivered_through;
+    if cursor.through_created_micros == 0 || through < reader.tail()? {
+        return Ok(());
+    }
+    match reader
+        .read_through(through, through, 1, usize::MAX)?
+        .first()
+    {
+        Some(e) if e.seq == through && e.created_at_micros != cursor.through_created_micros => {
+            Err(Error::corruption(
+                path.display().to_string(),
+                crate::outbox::handoff::rolled_back(through),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The least time between a failed catch-up and the next attempt.
