@@ -1355,6 +1355,34 @@ async fn a_drain_that_times_out_says_how_many_are_left_and_fails() -> TestResult
     );
     let mut stream = js.get_stream("EVENTS").await?;
     assert_eq!(stream.info().await?.state.messages, 1);
+
+    // SIGTERM during a long `--drain` stops it at once, saying what is
+    // left, instead of waiting out the drain timeout.
+    let mut args = vec!["run", "--drain", "--db", &db];
+    args.extend(nats);
+    let at = args
+        .iter()
+        .position(|a| *a == "2")
+        .ok_or("no timeout argument")?;
+    args[at] = "120";
+    let started = Instant::now();
+    let mut drain = relay_cmd(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    sigterm(&drain)?;
+    let o = wait_child(&mut drain, Duration::from_secs(30))?;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("SIGTERM: drain stopped; 3 entries left"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "waited out the drain"
+    );
     Ok(())
 }
 
