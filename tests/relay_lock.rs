@@ -112,12 +112,11 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
     Ok(())
 }
 
-/// The store's database is restored from an older copy but the sidecar's
-/// cursor is kept: the cursor is ahead of the store's last seq. Applying it
-/// would prune the store's next commits unsent; it is refused as
-/// corruption instead, and nothing is pruned.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cursor_ahead_of_the_store_is_refused() -> TestResult {
+/// A store whose database was backed up after seq 1, then shipped through
+/// seq 5 by a sidecar (its cursor says 5), then restored from the backup
+/// with the cursor kept: its last seq is 1 again.
+async fn rolled_back_store()
+-> Result<(tempfile::TempDir, std::path::PathBuf), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
     let store = Store::open(&path)?;
@@ -137,6 +136,16 @@ async fn a_cursor_ahead_of_the_store_is_refused() -> TestResult {
 
     std::fs::remove_dir_all(path.join("db"))?;
     copy_dir(&dir.path().join("backup"), &path.join("db"))?;
+    Ok((dir, path))
+}
+
+/// The store's database is restored from an older copy but the sidecar's
+/// cursor is kept: the cursor is ahead of the store's last seq. Applying it
+/// would prune the store's next commits unsent; it is refused as
+/// corruption instead, and nothing is pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_the_store_is_refused() -> TestResult {
+    let (dir, path) = rolled_back_store().await?;
     let store = Store::options().relay_cursor_poll(None).open(&path)?;
     assert_eq!(store.outbox().head(), 1);
     store.write(|tx| tx.emit(Event::bytes("e", "k", vec![7])))?;
@@ -161,25 +170,7 @@ async fn a_cursor_ahead_of_the_store_is_refused() -> TestResult {
 /// nothing is pruned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_store_written_past_the_cursor_is_refused() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("store");
-    let store = Store::open(&path)?;
-    store.write(|tx| tx.emit(Event::bytes("e", "k", vec![0])))?;
-    drop(store);
-    copy_dir(&path.join("db"), &dir.path().join("backup"))?;
-
-    let store = Store::options().relay_cursor_poll(None).open(&path)?;
-    store.write(|tx| (1..5u8).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
-    let source = SidecarSource::open(&path, Duration::from_millis(5))?;
-    let sidecar = Relay::builder_for(source)
-        .sink(FileSink::open(dir.path().join("out.jsonl"))?)
-        .start()?;
-    sidecar.wait_delivered(5, Duration::from_secs(10)).await?;
-    sidecar.shutdown(Shutdown::Now).await?;
-    drop(store);
-
-    std::fs::remove_dir_all(path.join("db"))?;
-    copy_dir(&dir.path().join("backup"), &path.join("db"))?;
+    let (dir, path) = rolled_back_store().await?;
     let store = Store::options().relay_cursor_poll(None).open(&path)?;
     store.write(|tx| (0..7u8).try_for_each(|i| tx.emit(Event::bytes("e", "k", vec![i]))))?;
     assert_eq!(store.outbox().head(), 8, "past the cursor's seq 5");

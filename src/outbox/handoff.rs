@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::api::Outbox;
 use super::cursor::RelayCursor;
 use super::dead::DeadLetter;
-use super::entry::StoreId;
+use super::entry::{OutboxEntry, StoreId};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
@@ -76,33 +76,11 @@ impl Outbox {
         let store = self.store();
         let cursor = decode_cursor(path, bytes)?;
         check_owner(&cursor, path, store.id())?;
-        let head = self.head();
-        if cursor.delivered_through > head {
-            // A sidecar ships only what is durable in this store, so its
-            // cursor cannot pass the store's last seq unless the store was
-            // rolled back (restored from an older copy). Applying it would
-            // prune the store's next commits unsent.
-            return Err(Error::corruption(
-                path.display().to_string(),
-                format!(
-                    "the relay cursor says seq {} was delivered, but the store's last seq is                      {head}: the store was restored from an older copy of itself, or the cursor                      was; if the store is right, remove the cursor file (events it delivered                      may then be delivered again)",
-                    cursor.delivered_through
-                ),
-            ));
-        }
-        let through = cursor.delivered_through;
         let tail = self.tail();
+        check_history(&cursor, path, self.head(), tail, |seq| self.get(seq))?;
+        let through = cursor.delivered_through;
         if through < tail {
             return Ok(tail);
-        }
-        if cursor.through_created_micros != 0
-            && let Some(e) = self.get(through)?
-            && e.created_at_micros != cursor.through_created_micros
-        {
-            return Err(Error::corruption(
-                path.display().to_string(),
-                rolled_back(through),
-            ));
         }
         let mut dead = Vec::new();
         for d in cursor
@@ -124,15 +102,48 @@ impl Outbox {
     }
 }
 
-/// Why a cursor whose last delivered entry differs from the store's entry at
-/// that seq is refused.
-pub(crate) fn rolled_back(seq: u64) -> String {
-    format!(
-        "the relay cursor's last delivered entry (seq {seq}) is not the store's entry at that seq \
-         (another commit time): the store was restored from an older copy of itself and has \
-         committed other events since; if the store is right, remove the cursor file (events \
-         it delivered may then be delivered again)"
-    )
+/// Refuses a cursor that is not the history of the store whose last seq
+/// is `head` and whose first unsettled seq is `tail` (`entry_at` reads the
+/// store's entry at a seq): one past the store's last seq, or one whose last
+/// delivered entry has another commit time than the store's entry at that
+/// seq. A sidecar ships only what is durable in the store, so either means
+/// the store was rolled back (restored from an older copy of itself);
+/// applying the cursor would prune the store's next commits unsent.
+pub(crate) fn check_history(
+    cursor: &RelayCursor,
+    path: &Path,
+    head: u64,
+    tail: u64,
+    entry_at: impl FnOnce(u64) -> Result<Option<OutboxEntry>>,
+) -> Result<()> {
+    let through = cursor.delivered_through;
+    let refuse = |what: String| {
+        Err(Error::corruption(
+            path.display().to_string(),
+            format!(
+                "{what}: the store was restored from an older copy of itself, or the cursor \
+                 was; if the store is right, remove the cursor file (events it delivered may \
+                 then be delivered again)"
+            ),
+        ))
+    };
+    if through > head {
+        return refuse(format!(
+            "the relay cursor says seq {through} was delivered, but the store's last seq is {head}"
+        ));
+    }
+    if cursor.through_created_micros == 0 || through < tail {
+        return Ok(());
+    }
+    match entry_at(through)? {
+        Some(e) if e.seq == through && e.created_at_micros != cursor.through_created_micros => {
+            refuse(format!(
+                "the relay cursor's last delivered entry (seq {through}) is not the store's \
+                 entry at that seq (another commit time)"
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Starts a thread that applies the cursor file whenever its content

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::outbox::cursor::{CursorDead, MAX_DEAD, RelayCursor};
 use crate::outbox::dead::DeadLetter;
 use crate::outbox::entry::OutboxEntry;
-use crate::outbox::handoff::{RELAY_DIR, check_owner, cursor_path, read_cursor};
+use crate::outbox::handoff::{RELAY_DIR, check_history, check_owner, cursor_path, read_cursor};
 use crate::store::StoreReader;
 use crate::store::open::{DB_DIR, write_file_atomic};
 use crate::store::reader::check_store;
@@ -163,26 +163,17 @@ impl SidecarSource {
         make_durable(&reader, &durable)?;
         let wake = Arc::new(Notify::new());
         let watch = LogWatch::start(&path.join(DB_DIR), wake.clone());
-        if let Some(c) = &cursor {
-            let head = reader.head()?;
-            if c.delivered_through > head {
-                // Everything a sidecar ships is in the store's log: a
-                // cursor past it means the store was rolled back.
-                return Err(Error::corruption(
-                    cursor_file.display().to_string(),
-                    format!(
-                        "the relay cursor says seq {} was delivered, but the store's last seq \
-                         is {head}: the store was restored from an older copy of itself, or \
-                         the cursor was; if the store is right, remove the cursor file \
-                         (events it delivered may then be delivered again)",
-                        c.delivered_through
-                    ),
-                ));
-            }
-        }
         let floor = reader.tail()?.saturating_sub(1);
         if let Some(c) = &cursor {
-            check_history(c, &cursor_file, &reader)?;
+            // Everything a sidecar ships is in the store's log: a cursor
+            // past it, or naming another entry at its seq, means the store
+            // was rolled back.
+            check_history(c, &cursor_file, reader.head()?, reader.tail()?, |seq| {
+                Ok(reader
+                    .read_through(seq, seq, 1, usize::MAX)?
+                    .into_iter()
+                    .next())
+            })?;
         }
         let mut state = cursor.unwrap_or(RelayCursor {
             store: meta.store_id,
@@ -353,28 +344,6 @@ fn make_durable(reader: &StoreReader, durable: &AtomicU64) -> Result<u64> {
     }
     reader.sync_wal()?;
     Ok(durable.fetch_max(head, Ordering::AcqRel).max(head))
-}
-
-/// Refuses a cursor whose last delivered entry is not the one the store
-/// holds at that seq (another commit time): the store was rolled back to
-/// an older copy and has committed other entries at those seqs since.
-fn check_history(cursor: &RelayCursor, path: &Path, reader: &StoreReader) -> Result<()> {
-    let through = cursor.delivered_through;
-    if cursor.through_created_micros == 0 || through < reader.tail()? {
-        return Ok(());
-    }
-    match reader
-        .read_through(through, through, 1, usize::MAX)?
-        .first()
-    {
-        Some(e) if e.seq == through && e.created_at_micros != cursor.through_created_micros => {
-            Err(Error::corruption(
-                path.display().to_string(),
-                crate::outbox::handoff::rolled_back(through),
-            ))
-        }
-        _ => Ok(()),
-    }
 }
 
 /// The least time between a failed catch-up and the next attempt.

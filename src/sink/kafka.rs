@@ -1145,22 +1145,19 @@ impl Sink for KafkaSink {
             for (i, (entry, topic)) in batch.iter().zip(&topics).enumerate() {
                 // Entries refused on their own are judged first: a run of
                 // them settles in one round.
-                if let Some(why) = cloudevents::unsafe_for_headers(entry) {
-                    outcomes[i] = Some(Outcome::Rejected {
-                        error: format!("not published: {why}"),
-                        permanent: true,
+                let refusal = cloudevents::unsafe_for_headers(entry)
+                    .map(|why| format!("not published: {why}"))
+                    .or_else(|| {
+                        topic.is_none().then(|| {
+                            format!(
+                                "invalid Kafka topic {:?}",
+                                self.opts.render(&entry.event_type, &entry.key)
+                            )
+                        })
                     });
-                    if !entry.key.is_empty() {
-                        refused.insert(entry.key.as_str());
-                    }
-                    continue;
-                }
-                if topic.is_none() {
+                if let Some(error) = refusal {
                     outcomes[i] = Some(Outcome::Rejected {
-                        error: format!(
-                            "invalid Kafka topic {:?}",
-                            self.opts.render(&entry.event_type, &entry.key)
-                        ),
+                        error,
                         permanent: true,
                     });
                     if !entry.key.is_empty() {

@@ -48,7 +48,7 @@
 //! it does not capture then find no stream and are retried (the relay
 //! holds, `sink_up` is 0) until the stream is fixed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -553,35 +553,46 @@ impl Sink for NatsSink {
             // Per key: the entry in flight, and whether the key has failed in
             // this batch (its later entries then wait for the next round).
             let mut busy: HashMap<&str, usize> = HashMap::new();
-            let mut failed: HashMap<&str, ()> = HashMap::new();
+            let mut failed: HashSet<&str> = HashSet::new();
+            // Records an acknowledgement (or its failure) of entry `j`.
+            let settle = |j: usize,
+                          outcome: Outcome,
+                          busy: &mut HashMap<&'a str, usize>,
+                          failed: &mut HashSet<&'a str>,
+                          outcomes: &mut Vec<Option<Outcome>>| {
+                let k = batch[j].key.as_str();
+                if busy.get(k) == Some(&j) {
+                    busy.remove(k);
+                }
+                if !k.is_empty() && !matches!(outcome, Outcome::Acked { .. }) {
+                    failed.insert(k);
+                }
+                outcomes[j] = Some(outcome);
+            };
             for (i, entry) in batch.iter().enumerate() {
                 let key = entry.key.as_str();
                 // Refused before sending (judged first, so that a run of
                 // such entries settles in one round): the key's later
                 // entries wait too (the refusal may be held back by the
                 // storm guard).
-                if let Some(why) = cloudevents::unsafe_for_headers(entry) {
-                    outcomes[i] = Some(Outcome::Rejected {
-                        error: format!("not published: {why}"),
-                        permanent: true,
-                    });
-                    if !key.is_empty() {
-                        failed.insert(key, ());
-                    }
-                    continue;
-                }
                 let subject = self.opts.render(&entry.event_type, &entry.key);
-                if !valid_subject(&subject) {
+                let refusal = cloudevents::unsafe_for_headers(entry)
+                    .map(|why| format!("not published: {why}"))
+                    .or_else(|| {
+                        (!valid_subject(&subject))
+                            .then(|| format!("invalid NATS subject {subject:?}"))
+                    });
+                if let Some(error) = refusal {
                     outcomes[i] = Some(Outcome::Rejected {
-                        error: format!("invalid NATS subject {subject:?}"),
+                        error,
                         permanent: true,
                     });
                     if !key.is_empty() {
-                        failed.insert(key, ());
+                        failed.insert(key);
                     }
                     continue;
                 }
-                if failed.contains_key(key) {
+                if failed.contains(key) {
                     outcomes[i] = Some(Outcome::Held {
                         reason: "held back: an earlier entry of the same key is not delivered yet"
                             .into(),
@@ -592,19 +603,12 @@ impl Sink for NatsSink {
                 // key's previous one is acknowledged.
                 if !key.is_empty() && busy.contains_key(key) {
                     while let Some((j, outcome)) = inflight.next().await {
-                        let k = batch[j].key.as_str();
-                        if busy.get(k) == Some(&j) {
-                            busy.remove(k);
-                        }
-                        if !k.is_empty() && !matches!(outcome, Outcome::Acked { .. }) {
-                            failed.insert(k, ());
-                        }
-                        outcomes[j] = Some(outcome);
+                        settle(j, outcome, &mut busy, &mut failed, &mut outcomes);
                         if !busy.contains_key(key) {
                             break;
                         }
                     }
-                    if failed.contains_key(key) {
+                    if failed.contains(key) {
                         outcomes[i] = Some(Outcome::Held {
                             reason: "held back: an earlier entry of the same key failed".into(),
                         });
@@ -614,15 +618,8 @@ impl Sink for NatsSink {
                 if inflight.len() >= self.opts.window
                     && let Some((j, outcome)) = inflight.next().await
                 {
-                    let k = batch[j].key.as_str();
-                    if busy.get(k) == Some(&j) {
-                        busy.remove(k);
-                    }
-                    if !k.is_empty() && !matches!(outcome, Outcome::Acked { .. }) {
-                        failed.insert(k, ());
-                    }
-                    outcomes[j] = Some(outcome);
-                    if failed.contains_key(key) {
+                    settle(j, outcome, &mut busy, &mut failed, &mut outcomes);
+                    if failed.contains(key) {
                         outcomes[i] = Some(Outcome::Held {
                             reason: "held back: an earlier entry of the same key failed".into(),
                         });
@@ -646,7 +643,7 @@ impl Sink for NatsSink {
                         let code = api_code(&e);
                         let outcome = classify(e.kind(), e.to_string(), code);
                         if !key.is_empty() {
-                            failed.insert(key, ());
+                            failed.insert(key);
                         }
                         outcomes[i] = Some(outcome);
                     }
