@@ -65,10 +65,26 @@
 //!
 //! - `relay`: the [`relay`] (on Tokio), its metrics, and the file and
 //!   stdout [`sink`]s.
-//! - `nats`: the NATS JetStream sink.
-//! - `rocksdb` (default): the storage engine. Without it only the codecs
-//!   ([`store::key`], [`store::value`], [`store::meta`], [`outbox::entry`])
-//!   and the [`Event`] builder are built; the fuzz crate uses that.
+//! - `nats`: the NATS JetStream sink. `kafka`: the Apache Kafka sink.
+//! - `config`: the relay configuration file ([`config`]). `cli`: the
+//!   `outbox-relay` binary.
+//! - `rocksdb` (default): the storage engine. Without it only the record
+//!   formats and the [`Event`] builder are built; the fuzz crate uses that.
+//! - `failpoints` (tests only): [`Store::inject`] and the named
+//!   [`Failpoint`]s. `invariants`: checks the engine's invariants in
+//!   release builds too.
+//!
+//! ## Layout
+//!
+//! Every public type has one path: the crate root for the store and the
+//! outbox, [`relay`] for the shipping loop, [`sink`] for the brokers. The
+//! modules behind them call only down: the record formats (`outbox`, and
+//! `store`'s key, value and meta codecs) at the bottom, then the engine
+//! layer (`store::engine`: column families, scans, files, locks, the
+//! storage medium), the store core (`store`: commit, prune, the
+//! sidecar-cursor watcher), the views on it ([`Outbox`], [`StoreReader`]),
+//! and the [`relay`] and [`sink`]s on top. `docs/design.md` describes the
+//! on-disk formats and names the invariants the code checks.
 
 #![deny(missing_docs)]
 #![cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
@@ -77,25 +93,43 @@
 
 #[cfg(feature = "config")]
 pub mod config;
-pub mod error;
+mod error;
 mod invariant;
-pub mod outbox;
+mod outbox;
 pub mod redact;
 #[cfg(feature = "relay")]
 pub mod relay;
 #[cfg(feature = "relay")]
 pub mod sink;
-pub mod store;
+mod store;
 
-pub use error::{Error, Result, WriteOutcome};
+pub use error::{BoxError, Error, Result, WriteOutcome};
+pub use outbox::cursor::{CursorDead, RelayCursor};
 pub use outbox::dead::DeadLetter;
-pub use outbox::entry::{EventId, OutboxEntry, StoreId};
+pub use outbox::entry::{EventId, OutboxEntry, ParseIdError, StoreId};
 pub use outbox::event::Event;
-pub use store::key::{Key, KeyPrefix, KeyRange};
+pub use store::key::{Key, KeyDecodeError, KeyPrefix, KeyRange};
 pub use store::options::{Durability, StoreOptions, WalRecovery};
 pub use store::table::Table;
 
 #[cfg(feature = "rocksdb")]
-pub use outbox::{DeadLetters, HeadChanged, Outbox};
-#[cfg(feature = "rocksdb")]
-pub use store::{Batch, Committed, Range, Snapshot, Store, TransactionStats, WriteTx};
+pub use store::{
+    Batch, Committed, DeadLetters, HeadChanged, Outbox, Range, Snapshot, Store, StoreReader,
+    TransactionStats, WriteTx,
+};
+
+#[cfg(feature = "failpoints")]
+pub use store::engine::medium::{Failpoint, Fault};
+
+/// The record codecs, for the fuzz crate and the format tests: not a
+/// stable API (hidden from the docs; the formats are described in
+/// `docs/design.md`).
+#[doc(hidden)]
+pub mod codec {
+    pub use crate::outbox::cursor::{CURSOR_MAGIC, CURSOR_VERSION, CursorDecodeError, MAX_DEAD};
+    pub use crate::outbox::dead::{DeadLetterDecodeError, decode_dead_letter};
+    pub use crate::outbox::entry::{EntryDecodeError, decode_entry};
+    pub use crate::store::key::decode_exact;
+    pub use crate::store::meta::{FORMAT_VERSION, META_FILE, MetaError, StoreMeta};
+    pub use crate::store::value::{FrameError, decode_value, encode_value};
+}

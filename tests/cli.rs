@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::NatsServer;
-use outboxkv::store::meta::StoreMeta;
+use outboxkv::codec::StoreMeta;
 use outboxkv::{DeadLetter, Event, Store};
 use serde_json::Value;
 

@@ -177,7 +177,7 @@ fn a_damaged_relay_cursor_prunes_nothing_and_says_why() -> TestResult {
     let path = dir.path().join("store");
     fill(&path, 10)?;
     fs::create_dir_all(path.join("relay"))?;
-    let cursor = outboxkv::outbox::cursor::RelayCursor {
+    let cursor = outboxkv::RelayCursor {
         store: Store::options().relay_cursor_poll(None).open(&path)?.id(),
         delivered_through: 10,
         through_created_micros: 0,
@@ -196,7 +196,7 @@ fn a_damaged_relay_cursor_prunes_nothing_and_says_why() -> TestResult {
     }
     assert_eq!(store.outbox().depth(), 10, "nothing pruned");
     // A good cursor of another store is refused too.
-    let other = outboxkv::outbox::cursor::RelayCursor {
+    let other = outboxkv::RelayCursor {
         store: outboxkv::StoreId([7; 16]),
         ..cursor
     };

@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 
 use outboxkv::Key;
-use outboxkv::store::key::decode_exact;
+use outboxkv::codec::decode_exact;
 use proptest::prelude::*;
 
 fn enc<K: Key + ?Sized>(k: &K) -> Vec<u8> {

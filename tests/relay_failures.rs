@@ -234,8 +234,7 @@ async fn a_dead_letter_storm_survives_a_restart() -> TestResult {
     drop(store);
     let store = Store::options().relay_cursor_poll(None).open(dir.path())?;
     for _ in 0..2 {
-        let source =
-            outboxkv::relay::sidecar::SidecarSource::open(dir.path(), Duration::from_millis(5))?;
+        let source = outboxkv::relay::SidecarSource::open(dir.path(), Duration::from_millis(5))?;
         let relay = Relay::builder_for(source)
             .backoff(fast())
             .dead_letter_storm_limit(20)

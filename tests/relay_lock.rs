@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outboxkv::relay::sidecar::SidecarSource;
+use outboxkv::relay::SidecarSource;
 use outboxkv::relay::{Relay, Shutdown};
 use outboxkv::sink::FileSink;
 use outboxkv::{Error, Event, Store};

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outboxkv::relay::OutboxSource;
-use outboxkv::relay::sidecar::SidecarSource;
+use outboxkv::relay::SidecarSource;
 use outboxkv::{Durability, Event, OutboxEntry, Store};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -59,7 +59,7 @@ fn sync_wal_runs_while_the_owner_writes_and_flushes() -> TestResult {
     let path = dir.path().join("store");
     let store = Store::open(&path)?;
     commit(&store, 0..3)?;
-    let reader = outboxkv::store::StoreReader::open(&path, dir.path().join("scratch"))?;
+    let reader = outboxkv::StoreReader::open(&path, dir.path().join("scratch"))?;
     let mut logs = std::collections::BTreeSet::new();
     std::thread::scope(|s| -> TestResult {
         let writer = s.spawn(|| -> outboxkv::Result<()> {

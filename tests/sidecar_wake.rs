@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use outboxkv::relay::OutboxSource;
-use outboxkv::relay::sidecar::SidecarSource;
+use outboxkv::relay::SidecarSource;
 use outboxkv::{Event, Store};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;

@@ -105,10 +105,10 @@ impl Key for Grumpy {
         assert!(!self.0, "grumpy key refuses to encode");
         out.push(1);
     }
-    fn decode_key(input: &mut &[u8]) -> Result<Grumpy, outboxkv::store::key::KeyDecodeError> {
+    fn decode_key(input: &mut &[u8]) -> Result<Grumpy, outboxkv::KeyDecodeError> {
         let (_, rest) = input
             .split_first()
-            .ok_or(outboxkv::store::key::KeyDecodeError("empty"))?;
+            .ok_or(outboxkv::KeyDecodeError("empty"))?;
         *input = rest;
         Ok(Grumpy(false))
     }

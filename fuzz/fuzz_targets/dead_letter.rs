@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outboxkv::outbox::dead::decode_dead_letter;
+use outboxkv::codec::decode_dead_letter;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = decode_dead_letter(data) {

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use outboxkv::Key;
-use outboxkv::store::key::decode_exact;
+use outboxkv::codec::decode_exact;
 
 fn check<K: Key + ?Sized>(data: &[u8]) {
     if let Ok(k) = decode_exact::<K>(data) {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outboxkv::outbox::entry::decode_entry;
+use outboxkv::codec::decode_entry;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(entry) = decode_entry(data) {

@@ -5,7 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outboxkv::outbox::cursor::{CURSOR_VERSION, RelayCursor};
+use outboxkv::RelayCursor;
+use outboxkv::codec::CURSOR_VERSION;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(c) = RelayCursor::decode(data) {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outboxkv::store::meta::StoreMeta;
+use outboxkv::codec::StoreMeta;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(meta) = StoreMeta::decode(data) {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outboxkv::store::value::{decode_value, encode_value};
+use outboxkv::codec::{decode_value, encode_value};
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Order {

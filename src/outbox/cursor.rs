@@ -26,8 +26,11 @@
 //! never a mix. Dead entries stay listed until the store has pruned past
 //! them.
 
+use std::path::Path;
+
 use super::dead::MAX_ERROR_LEN;
-use super::entry::StoreId;
+use super::entry::{OutboxEntry, StoreId};
+use crate::error::{Error, Result};
 
 /// Magic bytes at the start of a cursor file.
 pub const CURSOR_MAGIC: &[u8; 8] = b"OKVCURSR";
@@ -56,7 +59,7 @@ pub struct CursorDead {
 ///
 /// ```
 /// use outboxkv::StoreId;
-/// use outboxkv::outbox::cursor::RelayCursor;
+/// use outboxkv::RelayCursor;
 /// let c = RelayCursor {
 ///     store: StoreId([1; 16]),
 ///     delivered_through: 42,
@@ -88,7 +91,7 @@ pub struct CursorDecodeError(pub String);
 
 impl RelayCursor {
     /// Encodes the cursor (dead entries beyond [`MAX_DEAD`] and error text
-    /// beyond [`MAX_ERROR_LEN`] are cut, so the result always decodes).
+    /// beyond 64 KiB are cut, so the result always decodes).
     pub fn encode(&self) -> Vec<u8> {
         let dead = &self.dead[..self.dead.len().min(MAX_DEAD)];
         let mut out = Vec::with_capacity(48 + dead.len() * 40);
@@ -227,6 +230,69 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64, CursorDecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+/// Checks of a cursor against the store it is applied to (by the store's
+/// cursor watcher and by the sidecar when it starts).
+impl RelayCursor {
+    /// Refuses a cursor (read from `path`) that belongs to another store
+    /// than `store`, as [`Error::Corruption`].
+    pub(crate) fn check_owner(&self, path: &Path, store: StoreId) -> Result<()> {
+        if self.store == store {
+            return Ok(());
+        }
+        Err(Error::corruption(
+            path.display().to_string(),
+            format!(
+                "the cursor belongs to store {}, not to this store ({store})",
+                self.store
+            ),
+        ))
+    }
+
+    /// Refuses a cursor that is not the history of the store whose last seq
+    /// is `head` and whose first unsettled seq is `tail` (`entry_at` reads the
+    /// store's entry at a seq): one past the store's last seq, or one whose last
+    /// delivered entry has another commit time than the store's entry at that
+    /// seq. A sidecar ships only what is durable in the store, so either means
+    /// the store was rolled back (restored from an older copy of itself);
+    /// applying the cursor would prune the store's next commits unsent.
+    pub(crate) fn check_history(
+        &self,
+        path: &Path,
+        head: u64,
+        tail: u64,
+        entry_at: impl FnOnce(u64) -> Result<Option<OutboxEntry>>,
+    ) -> Result<()> {
+        let through = self.delivered_through;
+        let refuse = |what: String| {
+            Err(Error::corruption(
+                path.display().to_string(),
+                format!(
+                    "{what}: the store was restored from an older copy of itself, or the cursor \
+                     was; if the store is right, remove the cursor file (events it delivered may \
+                     then be delivered again)"
+                ),
+            ))
+        };
+        if through > head {
+            return refuse(format!(
+                "the relay cursor says seq {through} was delivered, but the store's last seq is {head}"
+            ));
+        }
+        if self.through_created_micros == 0 || through < tail {
+            return Ok(());
+        }
+        match entry_at(through)? {
+            Some(e) if e.seq == through && e.created_at_micros != self.through_created_micros => {
+                refuse(format!(
+                    "the relay cursor's last delivered entry (seq {through}) is not the store's \
+                     entry at that seq (another commit time)"
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,20 +1,20 @@
-//! The outbox: entries, event ids, events, and the API the relay reads with.
+//! The outbox's record formats, at the bottom of the crate: they call
+//! nothing above them and build without RocksDB (the fuzz crate decodes
+//! them without the engine).
 //!
-//! The entry codec ([`entry`]) and [`event`] builder compile without RocksDB.
+//! - [`entry`]: an outbox entry ([`OutboxEntry`](crate::OutboxEntry)), its
+//!   id ([`EventId`](crate::EventId), [`StoreId`](crate::StoreId)) and its
+//!   on-disk encoding;
+//! - [`event`]: [`Event`](crate::Event), what a transaction emits, and the
+//!   rules its headers follow;
+//! - [`dead`]: a dead letter ([`DeadLetter`](crate::DeadLetter));
+//! - [`cursor`]: the sidecar relay's cursor file
+//!   ([`RelayCursor`](crate::RelayCursor)).
+//!
+//! The [`Outbox`](crate::Outbox) handle is a view of the store (in
+//! `crate::store`) over entries in these formats.
 
-pub mod cursor;
-pub mod dead;
-pub mod entry;
-pub mod event;
-#[cfg(feature = "rocksdb")]
-pub(crate) mod notify;
-
-#[cfg(feature = "rocksdb")]
-pub(crate) mod api;
-#[cfg(feature = "rocksdb")]
-pub mod handoff;
-
-#[cfg(feature = "rocksdb")]
-pub use api::{DeadLetters, Outbox};
-#[cfg(feature = "rocksdb")]
-pub use notify::HeadChanged;
+pub(crate) mod cursor;
+pub(crate) mod dead;
+pub(crate) mod entry;
+pub(crate) mod event;

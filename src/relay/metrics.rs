@@ -336,12 +336,12 @@ pub fn register_store_metrics(registry: &mut Registry, store: &crate::Store) {
     registry
         .sub_registry_with_prefix("outboxkv_store")
         .register_collector(Box::new(StoreCollector {
-            store: std::sync::Arc::downgrade(&store.inner),
+            store: store.downgrade(),
         }));
 }
 
 struct StoreCollector {
-    store: std::sync::Weak<crate::store::open::Inner>,
+    store: crate::store::WeakStore,
 }
 
 impl std::fmt::Debug for StoreCollector {
@@ -352,10 +352,9 @@ impl std::fmt::Debug for StoreCollector {
 
 impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(inner) = self.store.upgrade() else {
+        let Some(store) = self.store.upgrade() else {
             return Ok(());
         };
-        let store = crate::Store { inner };
         let stats = store.transaction_stats();
         let labels = [("store", store.id().to_string())];
         let counts: [(&str, &str, usize); 2] = [

@@ -32,11 +32,12 @@
 
 mod backoff;
 mod metrics;
-pub mod sidecar;
+mod sidecar;
 mod sink;
 
 pub use backoff::Backoff;
 pub use metrics::{RelayMetricFamilies, RelayMetrics, register_store_metrics};
+pub use sidecar::{CatchUpHealth, SidecarSource, read_sidecar_cursor, sidecar_cursor_path};
 pub use sink::{BoxFuture, Outcome, Sink};
 
 use std::collections::HashMap;
@@ -47,18 +48,32 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::outbox::Outbox;
-use crate::outbox::dead::DeadLetter;
-use crate::outbox::entry::{OutboxEntry, now_micros};
-use crate::store::Store;
+use crate::outbox::entry::now_micros;
+use crate::store::engine::file::RELAY_DIR;
+use crate::store::engine::lock::{is_locked, lock};
+use crate::{DeadLetter, Outbox, OutboxEntry, Store};
 use backoff::Jitter;
+
+/// Whether a relay of any kind (in-process, sidecar, or `outbox-relay run
+/// --drain`) holds the relay lock of the store at `store` now. Creates
+/// nothing; `Ok(false)` for a store no relay ever ran on.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// let store = outboxkv::Store::open(dir.path())?;
+/// assert!(!outboxkv::relay::relay_running(dir.path())?);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn relay_running(store: impl AsRef<std::path::Path>) -> Result<bool> {
+    is_locked(&store.as_ref().join(RELAY_DIR))
+}
 
 /// Takes `<store>/relay/LOCK`: one relay per store, whichever kind.
 /// [`Error::RelayLocked`] when another relay holds it.
 pub(crate) fn take_relay_lock(store: &std::path::Path) -> Result<std::fs::File> {
-    let dir = store.join(crate::outbox::handoff::RELAY_DIR);
+    let dir = store.join(RELAY_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
-    crate::store::open::lock(&dir).map_err(|e| match e {
+    lock(&dir).map_err(|e| match e {
         Error::Locked { lock, .. } => Error::RelayLocked {
             path: store.to_path_buf(),
             lock,
@@ -70,7 +85,7 @@ pub(crate) fn take_relay_lock(store: &std::path::Path) -> Result<std::fs::File> 
 /// Where a relay reads committed outbox entries and records what it settled.
 ///
 /// [`Outbox`] is the source of a relay inside the service;
-/// [`SidecarSource`](sidecar::SidecarSource) the source of a relay in
+/// [`SidecarSource`] the source of a relay in
 /// another process. The contract:
 ///
 /// - `tail()..=head()` are the committed entries not settled yet; `read`
@@ -414,7 +429,7 @@ impl Relay {
     }
 
     /// A builder for a relay shipping from any [`OutboxSource`] (e.g. a
-    /// [`SidecarSource`](sidecar::SidecarSource), which holds the relay
+    /// [`SidecarSource`], which holds the relay
     /// lock itself; an [`Outbox`] takes it when the relay starts, see
     /// [`OutboxSource::begin`]).
     pub fn builder_for(source: impl OutboxSource) -> RelayBuilder {

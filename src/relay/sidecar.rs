@@ -1,6 +1,6 @@
 //! A relay in another process than the service: reads the store through a
 //! RocksDB secondary instance and records its cursor in a file the owning
-//! store applies (see [`crate::outbox::cursor`]).
+//! store applies (a [`RelayCursor`]).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,13 +13,24 @@ use tokio::sync::Notify;
 
 use super::{BoxFuture, OutboxSource};
 use crate::error::{Error, Result};
-use crate::outbox::cursor::{CursorDead, MAX_DEAD, RelayCursor};
-use crate::outbox::dead::DeadLetter;
-use crate::outbox::entry::OutboxEntry;
-use crate::outbox::handoff::{RELAY_DIR, check_history, check_owner, cursor_path, read_cursor};
-use crate::store::StoreReader;
-use crate::store::open::{DB_DIR, write_file_atomic};
-use crate::store::reader::check_store;
+use crate::outbox::cursor::MAX_DEAD;
+use crate::store::engine::file::{
+    DB_DIR, RELAY_DIR, check_store, cursor_path, read_cursor, write_file_atomic,
+};
+use crate::{CursorDead, DeadLetter, OutboxEntry, RelayCursor, StoreReader};
+
+/// Where the sidecar relay of the store at `store` keeps its cursor
+/// (`<store>/relay/cursor`, in the format of [`RelayCursor`]).
+pub fn sidecar_cursor_path(store: impl AsRef<Path>) -> PathBuf {
+    cursor_path(store.as_ref())
+}
+
+/// Reads the sidecar relay's cursor of the store at `store`; `Ok(None)` when
+/// no sidecar ever delivered from it, [`Error::Corruption`] for a damaged
+/// file. Reads only.
+pub fn read_sidecar_cursor(store: impl AsRef<Path>) -> Result<Option<RelayCursor>> {
+    read_cursor(&cursor_path(store.as_ref()))
+}
 
 /// The outbox of a store another process owns, as a relay source.
 ///
@@ -46,7 +57,7 @@ use crate::store::reader::check_store;
 ///
 /// ```no_run
 /// use outboxkv::relay::Relay;
-/// use outboxkv::relay::sidecar::SidecarSource;
+/// use outboxkv::relay::SidecarSource;
 /// use outboxkv::sink::FileSink;
 /// use std::time::Duration;
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -148,14 +159,14 @@ impl SidecarSource {
         // Checked before the lock file is written (a damaged cursor or one
         // of another store leaves everything as it was) ...
         if let Some(c) = read_cursor(&cursor_file)? {
-            check_owner(&c, &cursor_file, meta.store_id)?;
+            c.check_owner(&cursor_file, meta.store_id)?;
         }
         let lock_file = super::take_relay_lock(path)?;
         // ... and read again under the lock: the one in force is the last
         // one the previous relay wrote, not one it was about to replace.
         let cursor = read_cursor(&cursor_file)?;
         if let Some(c) = &cursor {
-            check_owner(c, &cursor_file, meta.store_id)?;
+            c.check_owner(&cursor_file, meta.store_id)?;
         }
         let dir = path.join(RELAY_DIR);
         let reader = StoreReader::open(path, dir.join("secondary"))?;
@@ -168,7 +179,7 @@ impl SidecarSource {
             // Everything a sidecar ships is in the store's log: a cursor
             // past it, or naming another entry at its seq, means the store
             // was rolled back.
-            check_history(c, &cursor_file, reader.head()?, reader.tail()?, |seq| {
+            c.check_history(&cursor_file, reader.head()?, reader.tail()?, |seq| {
                 Ok(reader
                     .read_through(seq, seq, 1, usize::MAX)?
                     .into_iter()

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::outbox::entry::OutboxEntry;
+use crate::OutboxEntry;
 
 /// A boxed future, as sinks return them (so `Sink` stays object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -27,7 +27,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::outbox::entry::OutboxEntry;
+use crate::OutboxEntry;
 use crate::outbox::event::header_name_problem;
 
 /// The CloudEvents `specversion`.

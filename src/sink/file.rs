@@ -8,8 +8,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::cloudevents;
+use crate::OutboxEntry;
 use crate::error::{Error, Result};
-use crate::outbox::entry::OutboxEntry;
 use crate::relay::{BoxFuture, Outcome, Sink};
 
 /// How every record this sink writes begins.
@@ -225,7 +225,7 @@ impl FileSink {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
-            crate::store::open::sync_dir(dir)?;
+            crate::store::engine::file::sync_dir(dir)?;
         } else {
             check_and_repair(&mut file, &path)?;
         }

@@ -58,8 +58,8 @@ use async_nats::{ConnectErrorKind, HeaderMap};
 use futures_util::{StreamExt, stream::FuturesOrdered};
 
 use super::cloudevents;
+use crate::OutboxEntry;
 use crate::error::{Error, Result};
-use crate::outbox::entry::OutboxEntry;
 use crate::redact::{redact_url, scrub};
 use crate::relay::{BoxFuture, Outcome, Sink};
 

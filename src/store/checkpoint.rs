@@ -7,7 +7,10 @@ use std::path::Path;
 use rocksdb::DB;
 use rocksdb::checkpoint::Checkpoint;
 
-use super::open::{DB_DIR, Store, new_meta, rocksdb_options, storage, write_meta, write_store_id};
+use super::engine::file::{DB_DIR, write_meta};
+use super::engine::{rocksdb_options, storage};
+use super::handle::Store;
+use super::open::{new_meta, write_store_id};
 use crate::error::{Error, Result};
 use crate::outbox::entry::StoreId;
 

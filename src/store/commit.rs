@@ -60,9 +60,11 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use rocksdb::WriteBatch;
 
 use super::conflict::{ConflictIndex, ExpiredBy, Limits, Stats, Ticket, Verdict};
-use super::open::{CF_OUTBOX, Inner};
+use super::engine::medium::WriteSite;
+use super::engine::{CF_OUTBOX, seq_key};
+use super::handle::Inner;
+use super::options::Durability;
 use super::tx::WriteSet;
-use crate::Durability;
 use crate::error::{Error, Result, WriteOutcome};
 use crate::invariant::invariant;
 use crate::outbox::entry::{EncodedEntries, MAX_SEQ, now_micros};
@@ -211,20 +213,13 @@ pub(crate) struct Pipeline {
     poisoned: AtomicBool,
     /// Signalled when `visible_version` advances or the store is poisoned.
     visible: Condvar,
-    /// First seq still in the outbox (advanced by pruning).
-    pub(crate) first_seq: AtomicU64,
-    /// Highest outbox seq known to be on disk (covered by an fsync). Starts
-    /// at 0: what a reopen recovered may sit in the page cache only.
-    durable_seq: AtomicU64,
-    /// Fsyncs left before injected failures start (feature `failpoints`).
-    #[cfg(feature = "failpoints")]
-    pub(crate) fsyncs_before_failure: AtomicU64,
-    /// Group writes left before injected failures start (feature `failpoints`).
-    #[cfg(feature = "failpoints")]
-    pub(crate) writes_before_failure: AtomicU64,
-    /// Sleep before each fsync, in microseconds (feature `failpoints`).
-    #[cfg(feature = "failpoints")]
-    pub(crate) fsync_delay_micros: AtomicU64,
+    /// The tail: first seq still in the outbox (advanced by pruning only,
+    /// through [`Pipeline::advance_tail`]).
+    tail: AtomicU64,
+    /// The durable head: highest outbox seq known to be on disk (covered by
+    /// an fsync). Starts at 0: what a reopen recovered may sit in the page
+    /// cache only. INV-DURABLE: never above the written seq.
+    durable_head: AtomicU64,
 }
 
 /// Outcome of a successful commit.
@@ -233,7 +228,7 @@ pub(crate) struct Assigned {
 }
 
 impl Pipeline {
-    pub(crate) fn new(next_seq: u64, first_seq: u64, limits: Limits) -> Pipeline {
+    pub(crate) fn new(next_seq: u64, tail: u64, limits: Limits) -> Pipeline {
         Pipeline {
             state: Mutex::new(State {
                 version: 0,
@@ -250,15 +245,24 @@ impl Pipeline {
             }),
             poisoned: AtomicBool::new(false),
             visible: Condvar::new(),
-            first_seq: AtomicU64::new(first_seq),
-            durable_seq: AtomicU64::new(0),
-            #[cfg(feature = "failpoints")]
-            fsyncs_before_failure: AtomicU64::new(u64::MAX),
-            #[cfg(feature = "failpoints")]
-            writes_before_failure: AtomicU64::new(u64::MAX),
-            #[cfg(feature = "failpoints")]
-            fsync_delay_micros: AtomicU64::new(0),
+            tail: AtomicU64::new(tail),
+            durable_head: AtomicU64::new(0),
         }
+    }
+
+    /// The tail: the first seq not pruned (INV-TAIL: pruned-through + 1).
+    pub(crate) fn tail(&self) -> u64 {
+        self.tail.load(Ordering::Acquire)
+    }
+
+    /// Moves the tail to `tail` once a prune that deleted everything below
+    /// it is written. The tail never goes back.
+    pub(crate) fn advance_tail(&self, tail: u64) {
+        let before = self.tail.fetch_max(tail, Ordering::AcqRel);
+        invariant!(
+            before <= tail,
+            "INV-TAIL: the tail would go back from {before} to {tail}"
+        );
     }
 
     /// Waits until every commit ordered so far is visible to readers (or the
@@ -451,7 +455,7 @@ impl Pipeline {
         }
         let adding = req.entries.len() as u64;
         if let Some(limit) = inner.opts.max_outbox_depth {
-            let depth = st.next_seq - self.first_seq.load(Ordering::Acquire);
+            let depth = st.next_seq - self.tail();
             if adding > 0 && depth + adding > limit {
                 let e = Error::OutboxFull {
                     depth,
@@ -532,7 +536,7 @@ impl Pipeline {
                     if let Some(seq) = written.last_seq {
                         st.written_seq = st.written_seq.max(seq);
                         if written.synced {
-                            self.durable_seq.fetch_max(seq, Ordering::AcqRel);
+                            self.raise_durable_head(st.written_seq, seq);
                         }
                     }
                     self.visible.notify_all();
@@ -644,12 +648,7 @@ impl Pipeline {
             });
             let outcome = match synced {
                 Ok(()) => {
-                    invariant!(
-                        cover_seq <= st.written_seq,
-                        "durable seq {cover_seq} above the written seq {}",
-                        st.written_seq
-                    );
-                    self.durable_seq.fetch_max(cover_seq, Ordering::AcqRel);
+                    self.raise_durable_head(st.written_seq, cover_seq);
                     Ok(())
                 }
                 Err(failure) => Err(self.fail(&mut st, failure)),
@@ -688,16 +687,27 @@ impl Pipeline {
         }
     }
 
-    /// Highest outbox seq known to be on disk.
-    pub(crate) fn durable_seq(&self) -> u64 {
-        self.durable_seq.load(Ordering::Acquire)
+    /// The durable head: highest outbox seq known to be on disk.
+    pub(crate) fn durable_head(&self) -> u64 {
+        self.durable_head.load(Ordering::Acquire)
+    }
+
+    /// Raises the durable head to `seq`, which an fsync (or a synced write)
+    /// just covered, when the highest seq written was `written`.
+    fn raise_durable_head(&self, written: u64, seq: u64) {
+        // INV-DURABLE: only what was written can be on disk.
+        invariant!(
+            seq <= written,
+            "INV-DURABLE: durable head {seq} above the written seq {written}"
+        );
+        self.durable_head.fetch_max(seq, Ordering::AcqRel);
     }
 
     /// Makes every outbox entry up to `through` durable: returns at once if
     /// an fsync already covered it, else fsyncs the write-ahead log (which
     /// covers everything written before). A failed fsync poisons the store.
     pub(crate) fn make_durable(&self, inner: &Inner, through: u64) -> Result<()> {
-        if self.durable_seq() >= through {
+        if self.durable_head() >= through {
             return Ok(());
         }
         let cover = {
@@ -712,28 +722,16 @@ impl Pipeline {
         };
         match self.fsync(inner) {
             Ok(()) => {
-                self.durable_seq.fetch_max(cover, Ordering::AcqRel);
+                self.raise_durable_head(cover, cover);
                 Ok(())
             }
             Err(cause) => Err(self.poison(cause)),
         }
     }
 
-    /// Fsyncs RocksDB's write-ahead log (`SyncWAL`).
+    /// Fsyncs RocksDB's write-ahead log (`SyncWAL`), through the medium.
     fn fsync(&self, inner: &Inner) -> std::result::Result<(), String> {
-        #[cfg(feature = "failpoints")]
-        if failpoint(&self.fsyncs_before_failure) {
-            return Err("injected fsync failure (failpoints)".to_string());
-        }
-        #[cfg(feature = "failpoints")]
-        match self.fsync_delay_micros.load(Ordering::Acquire) {
-            0 => {}
-            us => std::thread::sleep(std::time::Duration::from_micros(us)),
-        }
-        inner
-            .db
-            .flush_wal(true)
-            .map_err(|e| format!("write-ahead log fsync failed: {e}"))
+        inner.medium.sync_wal(&inner.db)
     }
 
     /// One RocksDB write for the whole group: without fsync, unless a member
@@ -756,7 +754,7 @@ impl Pipeline {
             for p in group.iter_mut() {
                 let batch = &mut p.batch;
                 let sealed = p.entries.seal(p.first_seq, p.created_at, |seq, bytes| {
-                    batch.put_cf(outbox, seq.to_be_bytes(), bytes);
+                    batch.put_cf(outbox, seq_key(seq), bytes);
                 });
                 if !sealed {
                     return Written::failed(
@@ -789,16 +787,9 @@ impl Pipeline {
             single = Some(p.batch);
         }
         let written = match merged.or(single) {
-            #[cfg(feature = "failpoints")]
-            Some(_) if failpoint(&inner.pipeline.writes_before_failure) => {
-                // Fail as a stalled disk does: late, while commits queue up.
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                Err("injected write failure (failpoints)".to_string())
-            }
             Some(b) => inner
-                .db
-                .write_opt(b, opts)
-                .map_err(|e| format!("commit write failed: {e}")),
+                .medium
+                .write(&inner.db, WriteSite::CommitGroup, b, opts),
             None => Ok(()),
         };
         Written {
@@ -813,15 +804,6 @@ impl Pipeline {
             synced,
         }
     }
-}
-
-/// Lets one pass through a failpoint; true (fail) once the passes `left`
-/// allowed are used up.
-#[cfg(feature = "failpoints")]
-fn failpoint(left: &AtomicU64) -> bool {
-    left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-        Some(n.saturating_sub(1))
-    }) == Ok(0)
 }
 
 /// The caller's own commit, as [`Pipeline::lead`] leaves it.

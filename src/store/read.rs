@@ -6,8 +6,9 @@ use std::ops::Bound;
 use rocksdb::{DB, DBRawIteratorWithThreadMode, ReadOptions, SnapshotWithThreadMode};
 use serde::de::DeserializeOwned;
 
+use super::engine::{CF_TABLES, storage};
+use super::handle::{Inner, Store};
 use super::key::{Key, KeyPrefix, KeyRange, decode_exact, render};
-use super::open::{CF_TABLES, Inner, Store, storage};
 use super::table::{Table, full_key, table_prefix};
 use super::value::decode_value;
 use crate::error::{Error, Result};

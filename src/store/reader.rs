@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::DB;
 
+use super::engine::file::{DB_DIR, check_store, sync_dir};
+use super::engine::scan::{self, outbox_bounds};
+use super::engine::{ALL_CFS, CF_DEAD, CF_OUTBOX, column_family, storage};
 use super::meta::StoreMeta;
-use super::open::{
-    CF_DEAD, CF_META, CF_OUTBOX, CF_TABLES, DB_DIR, column_family, outbox_bounds, read_meta,
-    storage, sync_dir,
-};
 use crate::error::{Error, Result};
 use crate::outbox::dead::DeadLetter;
 use crate::outbox::entry::{OutboxEntry, StoreId};
@@ -25,7 +24,7 @@ use crate::outbox::entry::{OutboxEntry, StoreId};
 ///
 /// ```
 /// use outboxkv::{Event, Store};
-/// use outboxkv::store::StoreReader;
+/// use outboxkv::StoreReader;
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
 /// let store = Store::open(dir.path().join("s"))?;
@@ -69,13 +68,9 @@ impl StoreReader {
         // Keep every file open: a secondary must not lose files the primary
         // deletes while it reads them.
         opts.set_max_open_files(-1);
-        let db = DB::open_cf_as_secondary(
-            &opts,
-            &path.join(DB_DIR),
-            &scratch.to_path_buf(),
-            [CF_TABLES, CF_OUTBOX, CF_META, CF_DEAD],
-        )
-        .map_err(storage("open database as secondary"))?;
+        let db =
+            DB::open_cf_as_secondary(&opts, &path.join(DB_DIR), &scratch.to_path_buf(), ALL_CFS)
+                .map_err(storage("open database as secondary"))?;
         Ok(StoreReader {
             db,
             path: path.to_path_buf(),
@@ -116,7 +111,7 @@ impl StoreReader {
 
     /// The first seq not yet pruned by the owning store.
     pub fn tail(&self) -> Result<u64> {
-        Ok(outbox_bounds(&self.db, &self.path)?.first_seq)
+        Ok(outbox_bounds(&self.db, &self.path)?.tail)
     }
 
     /// Up to `max_entries` entries from seq `from` on.
@@ -144,11 +139,11 @@ impl StoreReader {
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>> {
         let bounds = outbox_bounds(&self.db, &self.path)?;
-        let tail = bounds.first_seq;
-        crate::outbox::api::read_entries(
+        let tail = bounds.tail;
+        scan::read_entries(
             &self.db,
             self.cf(CF_OUTBOX)?,
-            crate::outbox::api::Window {
+            scan::Window {
                 from,
                 tail,
                 head: (bounds.next_seq - 1).min(through),
@@ -167,7 +162,7 @@ impl StoreReader {
     /// commits, and `Sync` commits whose fsync is still running. Whatever it
     /// read before this call returned `Ok` survives a power loss. A relay in
     /// another process calls it before it ships what it read
-    /// ([`SidecarSource`](crate::relay::sidecar::SidecarSource) does).
+    /// ([`SidecarSource`](crate::relay::SidecarSource) does).
     ///
     /// A log file the owner deletes meanwhile is skipped: RocksDB deletes a
     /// log only after its contents are in fsynced table files.
@@ -194,44 +189,11 @@ impl StoreReader {
 
     /// Up to `limit` dead letters with seq `>= from`.
     pub fn dead_letters(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
-        crate::outbox::api::list_dead(&self.db, self.cf(CF_DEAD)?, from, limit)
+        scan::list_dead(&self.db, self.cf(CF_DEAD)?, from, limit)
     }
 
     /// Number of dead letters.
     pub fn dead_letter_count(&self) -> Result<u64> {
-        crate::outbox::api::count_keys(&self.db, self.cf(CF_DEAD)?)
+        scan::count_keys(&self.db, self.cf(CF_DEAD)?)
     }
-}
-
-/// Checks, reading only, that `path` is an outboxkv store of a format this
-/// build reads, with a database in it.
-pub(crate) fn check_store(path: &Path) -> Result<StoreMeta> {
-    match fs::metadata(path) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            return Err(Error::NotAStore {
-                path: path.to_path_buf(),
-                reason: "it is not a directory".into(),
-            });
-        }
-        Err(_) => {
-            return Err(Error::NotAStore {
-                path: path.to_path_buf(),
-                reason: "it does not exist".into(),
-            });
-        }
-    }
-    let meta = read_meta(path)?.ok_or_else(|| Error::NotAStore {
-        path: path.to_path_buf(),
-        reason: "it has no OUTBOXKV file".into(),
-    })?;
-    let db_path = path.join(DB_DIR);
-    // A secondary on a missing primary can hang (facebook/rocksdb#7031).
-    if !db_path.join("CURRENT").is_file() {
-        return Err(Error::corruption(
-            db_path.display().to_string(),
-            "the database has no CURRENT file",
-        ));
-    }
-    Ok(meta)
 }

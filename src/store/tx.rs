@@ -9,8 +9,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::commit::{BATCH_HEADER, ReadRecord, Registration, Request};
+use super::engine::{CF_DEAD, CF_TABLES};
+use super::handle::Store;
 use super::key::{Key, render};
-use super::open::{CF_DEAD, CF_TABLES, Store};
 use super::options::Durability;
 use super::read::{Snapshot, decode_stored};
 use super::table::{Table, full_key};

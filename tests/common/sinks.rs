@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use outboxkv::relay::sidecar::SidecarSource;
+use outboxkv::relay::SidecarSource;
 use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::{Durability, Event, OutboxEntry, Store};
 use parking_lot::Mutex;

@@ -1,15 +1,13 @@
 //! The operator commands: `status`, `inspect` and `dlq`.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use outboxkv::outbox::handoff::{RELAY_DIR, cursor_path, read_cursor};
+use outboxkv::relay::{read_sidecar_cursor, relay_running, sidecar_cursor_path};
 use outboxkv::sink::cloudevents;
-use outboxkv::store::StoreReader;
-use outboxkv::{DeadLetter, OutboxEntry, Store};
+use outboxkv::{DeadLetter, OutboxEntry, Store, StoreReader};
 use serde_json::{Value, json};
 
 use crate::{Fail, bad};
@@ -105,33 +103,14 @@ fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether a relay (in-process, sidecar, or --drain) holds the store's
-/// relay lock now. Creates nothing.
-fn relay_running(db: &Path) -> Result<bool, Fail> {
-    let path = db.join(RELAY_DIR).join("LOCK");
-    let file = match OpenOptions::new().read(true).open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Fail(format!("open {}: {e}", path.display()), 1)),
-    };
-    match File::try_lock(&file) {
-        Ok(()) => {
-            let _ = file.unlock();
-            Ok(false)
-        }
-        Err(TryLockError::WouldBlock) => Ok(true),
-        Err(TryLockError::Error(e)) => Err(Fail(format!("lock {}: {e}", path.display()), 1)),
-    }
-}
-
 pub(crate) fn status(db: &Path, as_json: bool, max_lag_secs: u64) -> Result<(), Fail> {
     // The cursor file is checked first: a damaged one is reported as such.
-    let cursor = read_cursor(&cursor_path(db));
+    let cursor = read_sidecar_cursor(db);
     let view = ReadView::open(db)?;
     let r = view.reader();
     let cursor = cursor?;
     let relay = relay_running(db)?;
-    let cursor_age = std::fs::metadata(cursor_path(db))
+    let cursor_age = std::fs::metadata(sidecar_cursor_path(db))
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| SystemTime::now().duration_since(t).ok());

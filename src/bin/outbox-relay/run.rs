@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outboxkv::Store;
-use outboxkv::relay::sidecar::SidecarSource;
+use outboxkv::relay::SidecarSource;
 use outboxkv::relay::{
     Backoff, OutboxSource, Relay, RelayMetricFamilies, RelayMetrics, Shutdown, Sink,
 };

@@ -18,8 +18,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use outboxkv::relay::CatchUpHealth;
 use outboxkv::relay::RelayMetrics;
-use outboxkv::relay::sidecar::CatchUpHealth;
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 

@@ -1,21 +1,17 @@
-//! Reading, waiting on and pruning the outbox.
+//! [`Outbox`] and [`DeadLetters`]: the store's outbox as a relay (or an
+//! operator) sees it. A view on top of the store core: reads go through
+//! [`scan`], pruning and purges through the core's writes
+//! (`super::prune`).
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use rocksdb::{ReadOptions, WriteBatch};
-
-use super::dead::{DeadLetter, decode_dead_letter};
-use super::entry::{OutboxEntry, decode_entry};
-use super::event::Event;
+use super::engine::{CF_DEAD, CF_OUTBOX, scan};
+use super::handle::Store;
 use super::notify::HeadChanged;
-use crate::Durability;
 use crate::error::{Error, Result};
-use crate::store::open::{META_PRUNED_THROUGH, decode_seq, storage};
-use crate::store::{CF_DEAD, CF_META, CF_OUTBOX, Store};
-
-/// Prunes shorter than this use point deletes instead of a range delete.
-const POINT_DELETE_SPAN: u64 = 256;
+use crate::outbox::dead::DeadLetter;
+use crate::outbox::entry::OutboxEntry;
+use crate::outbox::event::Event;
 
 /// The store's outbox, as the relay sees it: committed entries in seq order,
 /// a head that waiters can block or `.await` on, and pruning.
@@ -66,7 +62,7 @@ impl Outbox {
 
     /// The first seq still in the outbox (`head + 1` when it is empty).
     pub fn tail(&self) -> u64 {
-        self.store.inner.pipeline.first_seq.load(Ordering::Acquire)
+        self.store.inner.pipeline.tail()
     }
 
     /// The highest seq known to be on disk: every entry up to it survives a
@@ -75,7 +71,7 @@ impl Outbox {
     /// [`make_durable`](Outbox::make_durable), or the relay, which calls it
     /// before it ships).
     pub fn durable_head(&self) -> u64 {
-        self.store.inner.pipeline.durable_seq()
+        self.store.inner.pipeline.durable_head()
     }
 
     /// Makes every entry up to `through` durable: at once if it already is,
@@ -121,10 +117,10 @@ impl Outbox {
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>> {
         let inner = &self.store.inner;
-        read_entries(
+        scan::read_entries(
             &inner.db,
             inner.cf(CF_OUTBOX)?,
-            Window {
+            scan::Window {
                 from,
                 tail: self.tail(),
                 head: self.head(),
@@ -156,48 +152,7 @@ impl Outbox {
     /// `dead` (entries it gave up on, all `<= seq`) to the dead-letter table
     /// and prunes every entry `<= seq`. Returns the new tail.
     pub fn complete_through(&self, seq: u64, dead: &[DeadLetter]) -> Result<u64> {
-        let inner = &self.store.inner;
-        let _guard = inner.prune_lock.lock();
-        inner.pipeline.check_poisoned()?;
-        let seq = seq.min(self.head());
-        let tail = self.tail();
-        if seq < tail {
-            return Ok(tail);
-        }
-        let mut batch = WriteBatch::default();
-        let dead_cf = inner.cf(CF_DEAD)?;
-        for d in dead {
-            if d.entry.seq > seq {
-                return Err(Error::InvalidArgument(format!(
-                    "dead letter for seq {} is beyond the completed seq {seq}",
-                    d.entry.seq
-                )));
-            }
-            batch.put_cf(dead_cf, d.entry.seq.to_be_bytes(), d.encode());
-        }
-        // Entries below the tail are gone already, so only [tail, seq] is
-        // deleted. Short spans (the relay's usual case) use point deletes: every
-        // range tombstone in a memtable is re-fragmented by each new iterator
-        // and each further range delete, so thousands of small ones made reads
-        // and prunes quadratic (measured: 6 ms per read after 1,000 one-entry
-        // range deletes). Long spans use one range delete.
-        let outbox = inner.cf(CF_OUTBOX)?;
-        if seq - tail < POINT_DELETE_SPAN {
-            for s in tail..=seq {
-                batch.delete_cf(outbox, s.to_be_bytes());
-            }
-        } else {
-            batch.delete_range_cf(outbox, tail.to_be_bytes(), (seq + 1).to_be_bytes());
-        }
-        batch.put_cf(inner.cf(CF_META)?, META_PRUNED_THROUGH, seq.to_be_bytes());
-        if let Err(e) = inner
-            .db
-            .write_opt(batch, inner.write_options(Durability::Buffered))
-        {
-            return Err(inner.pipeline.poison(format!("outbox prune failed: {e}")));
-        }
-        inner.pipeline.first_seq.store(seq + 1, Ordering::Release);
-        Ok(seq + 1)
+        self.store.complete(seq, dead)
     }
 
     /// Age of the oldest entry still in the outbox (zero when it is empty).
@@ -263,13 +218,13 @@ impl DeadLetters {
     /// Up to `limit` dead letters with original seq `>= from`, in seq order.
     pub fn list(&self, from: u64, limit: usize) -> Result<Vec<DeadLetter>> {
         let inner = &self.store.inner;
-        list_dead(&inner.db, inner.cf(CF_DEAD)?, from, limit)
+        scan::list_dead(&inner.db, inner.cf(CF_DEAD)?, from, limit)
     }
 
     /// Number of dead letters.
     pub fn count(&self) -> Result<u64> {
         let inner = &self.store.inner;
-        count_keys(&inner.db, inner.cf(CF_DEAD)?)
+        scan::count_keys(&inner.db, inner.cf(CF_DEAD)?)
     }
 
     /// Appends the dead letters with these (original) seqs to the outbox again,
@@ -298,138 +253,11 @@ impl DeadLetters {
 
     /// Deletes the dead letters with these seqs (unknown seqs are ignored).
     pub fn purge(&self, seqs: &[u64]) -> Result<()> {
-        let inner = &self.store.inner;
-        let cf = inner.cf(CF_DEAD)?;
-        let mut batch = WriteBatch::default();
-        for seq in seqs {
-            batch.delete_cf(cf, seq.to_be_bytes());
-        }
-        self.write(batch)
+        self.store.purge_dead(Some(seqs))
     }
 
     /// Deletes every dead letter.
     pub fn purge_all(&self) -> Result<()> {
-        let inner = &self.store.inner;
-        let cf = inner.cf(CF_DEAD)?;
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(cf, 0u64.to_be_bytes(), u64::MAX.to_be_bytes());
-        batch.delete_cf(cf, u64::MAX.to_be_bytes());
-        self.write(batch)
+        self.store.purge_dead(None)
     }
-
-    /// Writes a purge: refused on a poisoned store, and a failure poisons
-    /// it, like every other write.
-    fn write(&self, batch: WriteBatch) -> Result<()> {
-        let inner = &self.store.inner;
-        inner.pipeline.check_poisoned()?;
-        inner
-            .db
-            .write_opt(batch, inner.write_options(inner.opts.durability))
-            .map_err(|e| {
-                inner
-                    .pipeline
-                    .poison(format!("dead-letter purge failed: {e}"))
-            })
-    }
-}
-
-/// The seqs a read may return: `from` (raised to `tail`) through `head`.
-pub(crate) struct Window {
-    pub(crate) from: u64,
-    pub(crate) tail: u64,
-    pub(crate) head: u64,
-}
-
-/// Reads up to `max_entries` (and about `max_bytes`) committed entries of
-/// `window` from the outbox column family `cf` of `db`, checking that seqs
-/// are contiguous. `tail_now` re-reads the tail: pruning may race a read.
-pub(crate) fn read_entries(
-    db: &rocksdb::DB,
-    cf: &rocksdb::ColumnFamily,
-    window: Window,
-    max_entries: usize,
-    max_bytes: usize,
-    tail_now: impl Fn() -> u64,
-) -> Result<Vec<OutboxEntry>> {
-    let Window { from, tail, head } = window;
-    let from = from.max(tail);
-    if from > head || max_entries == 0 {
-        return Ok(Vec::new());
-    }
-    let mut ro = ReadOptions::default();
-    ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
-    // Bounded by the head read before: entries a concurrent commit is
-    // writing right now are left for the next read.
-    ro.set_iterate_upper_bound((head + 1).to_be_bytes().to_vec());
-    let mut it = db.raw_iterator_cf_opt(cf, ro);
-    it.seek_to_first();
-    let mut out = Vec::new();
-    let mut bytes = 0usize;
-    let mut expected = from;
-    while let Some((key, value)) = it.item() {
-        let seq = decode_seq(key)?;
-        let entry =
-            decode_entry(value).map_err(|e| Error::corruption(format!("outbox seq {seq}"), e.0))?;
-        if entry.seq != seq {
-            return Err(Error::corruption(
-                format!("outbox seq {seq}"),
-                format!("entry says it is seq {}", entry.seq),
-            ));
-        }
-        // Pruning may have raced ahead of `from`; anything else is a hole.
-        if seq != expected && expected >= tail_now() {
-            return Err(Error::corruption(
-                format!("outbox seq {expected}"),
-                format!("missing: the next entry present is seq {seq}"),
-            ));
-        }
-        expected = seq + 1;
-        bytes = bytes.saturating_add(entry.size_hint());
-        out.push(entry);
-        if out.len() >= max_entries || bytes >= max_bytes {
-            break;
-        }
-        it.next();
-    }
-    it.status().map_err(storage("read outbox"))?;
-    Ok(out)
-}
-
-/// Up to `limit` dead letters with seq `>= from` from the column family `cf`.
-pub(crate) fn list_dead(
-    db: &rocksdb::DB,
-    cf: &rocksdb::ColumnFamily,
-    from: u64,
-    limit: usize,
-) -> Result<Vec<DeadLetter>> {
-    let mut ro = ReadOptions::default();
-    ro.set_iterate_lower_bound(from.to_be_bytes().to_vec());
-    let mut it = db.raw_iterator_cf_opt(cf, ro);
-    it.seek_to_first();
-    let mut out = Vec::new();
-    while let Some((key, value)) = it.item() {
-        if out.len() >= limit {
-            break;
-        }
-        let seq = decode_seq(key)?;
-        let d = decode_dead_letter(value)
-            .map_err(|e| Error::corruption(format!("dead letter seq {seq}"), e.0))?;
-        out.push(d);
-        it.next();
-    }
-    it.status().map_err(storage("read dead letters"))?;
-    Ok(out)
-}
-
-/// Number of keys in the column family `cf` (values are not decoded).
-pub(crate) fn count_keys(db: &rocksdb::DB, cf: &rocksdb::ColumnFamily) -> Result<u64> {
-    let mut it = db.raw_iterator_cf(cf);
-    it.seek_to_first();
-    let mut n = 0u64;
-    while it.valid() {
-        n += 1;
-        it.next();
-    }
-    it.status().map_err(storage("count"))?;
-    Ok(n)
 }
