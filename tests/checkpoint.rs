@@ -1,11 +1,13 @@
 //! `Store::checkpoint`: an online, consistent copy with its own identity.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use outboxkv::{Durability, Error, Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const ROWS: Table<u64, String> = Table::new("rows");
 

@@ -15,7 +15,7 @@ use outboxkv::codec::StoreMeta;
 use outboxkv::{DeadLetter, Event, Store};
 use serde_json::Value;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 

@@ -1,13 +1,15 @@
 //! Concurrent transactions: serializable increments, gap-free seqs in
 //! commit order, conflicts surfaced when retries are off.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
 use outboxkv::{Durability, Error, Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const COUNTER: Table<str, u64> = Table::new("counter");
 

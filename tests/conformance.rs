@@ -21,7 +21,7 @@ use outboxkv::sink::nats::{ContentMode, NatsOptions, NatsSink, StreamSetup};
 use outboxkv::{Event, OutboxEntry, Store};
 use serde_json::{Value, json};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -1,10 +1,12 @@
 //! Damaged values and outbox entries are reported as `Error::Corruption`
 //! naming the table and key (or seq), never returned as garbage.
 
+mod common;
+
 use outboxkv::{Error, Event, Store, Table};
 use rocksdb::{ColumnFamilyDescriptor, DB, Options};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Order {

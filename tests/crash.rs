@@ -8,6 +8,8 @@
 //! Cycles: `OUTBOXKV_CRASH_CYCLES` (default 20, what CI runs). The full run:
 //! `OUTBOXKV_CRASH_CYCLES=200 cargo test --release --all-features --test crash -- --nocapture`
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -19,7 +21,7 @@ use outboxkv::relay::Relay;
 use outboxkv::sink::FileSink;
 use outboxkv::{Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 /// Order id -> order id (the state a commit writes).
 const ORDERS: Table<u64, u64> = Table::new("orders");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use outboxkv::{Error, Event, Store, Table, WalRecovery};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const DOCS: Table<u64, Vec<u8>> = Table::new("docs");
 

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use outboxkv::{Error, Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const DOCS: Table<u64, Vec<u8>> = Table::new("docs");
 

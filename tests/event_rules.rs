@@ -4,9 +4,11 @@
 //! the sinks set themselves are refused with `Error::InvalidEvent`, and
 //! nothing of the commit is written.
 
+mod common;
+
 use outboxkv::{Error, Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const T: Table<u32, u32> = Table::new("t");
 

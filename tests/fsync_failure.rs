@@ -3,6 +3,8 @@
 //! told about a commit that failed, and what was acknowledged survives a
 //! reopen.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::mpsc;
 use std::thread;
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use outboxkv::{Error, Event, Store, Table, WriteOutcome};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const ROWS: Table<u64, u64> = Table::new("rows");
 

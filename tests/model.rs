@@ -1,11 +1,21 @@
-//! Model-based test: random transactions, failures, prunes and reopens
-//! against an in-memory model (a BTreeMap for the table, a Vec for the
-//! outbox). After every step the store must equal the model exactly.
+//! Model-based test: random transactions, failures, prunes, reopens and
+//! injected storage faults (failed fsyncs, failed writes, crashes right
+//! after a write) against an in-memory model (a BTreeMap for the table, a
+//! Vec for the outbox, and the durable head apart from the head). After
+//! every step the store must equal the model exactly.
+//!
+//! The faults go through the store's storage seam (`Store::inject`): a
+//! `Fail` leaves the medium untouched, a `CrashAfter` lets the write (or
+//! fsync) reach it and then behaves as a process that died right after.
+//! Either poisons the store; the model then reopens it and expects the
+//! commit (or prune) present exactly when its write reached the medium. A
+//! crash here is a process crash: what was written but not fsynced is still
+//! in the page cache, so it survives; a power loss is not simulated.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use outboxkv::{Durability, Error, Event, Store, Table};
+use outboxkv::{Durability, Error, Event, Failpoint, Fault, Store, Table, WriteOutcome};
 use proptest::prelude::*;
 
 const T: Table<u16, u32> = Table::new("model");
@@ -30,7 +40,18 @@ enum Step {
     Batch(Vec<Action>),
     /// Prune the outbox through `head - keep`.
     Prune(u8),
-    Reopen,
+    /// Reopen, with the fsync pipelined or not.
+    Reopen(bool),
+    /// A `Sync` commit whose write-ahead-log fsync fails.
+    FailFsync(Vec<Action>),
+    /// A commit whose group write gets `Fault`, with `Sync` durability or not.
+    FaultyCommit(Vec<Action>, bool, Fault),
+    /// A prune through `head - keep` whose write gets `Fault`.
+    FaultyPrune(u8, Fault),
+}
+
+fn fault() -> impl Strategy<Value = Fault> {
+    prop_oneof![Just(Fault::Fail), Just(Fault::CrashAfter)]
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -49,7 +70,10 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u16..24, actions()).prop_map(|(k, a)| Step::Conflict(k, a)),
         2 => actions().prop_map(Step::Batch),
         1 => any::<u8>().prop_map(|k| Step::Prune(k % 8)),
-        1 => Just(Step::Reopen),
+        1 => any::<bool>().prop_map(Step::Reopen),
+        1 => actions().prop_map(Step::FailFsync),
+        1 => (actions(), any::<bool>(), fault()).prop_map(|(a, sync, f)| Step::FaultyCommit(a, sync, f)),
+        1 => (any::<u8>(), fault()).prop_map(|(k, f)| Step::FaultyPrune(k % 8, f)),
     ]
 }
 
@@ -59,6 +83,12 @@ struct Model {
     /// Every event ever committed, index i = seq i + 1.
     events: Vec<(u16, Vec<u8>)>,
     pruned_through: u64,
+    /// The durable head: every seq up to it was covered by an fsync since
+    /// the last reopen (0 after a reopen: what was recovered may sit in the
+    /// page cache only). `Buffered` commits never move it.
+    durable: u64,
+    /// Whether the store open now pipelines its fsyncs.
+    pipelined: bool,
 }
 
 impl Model {
@@ -100,6 +130,9 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(&table, &model.table);
     let outbox = store.outbox();
     prop_assert_eq!(outbox.head(), model.events.len() as u64);
+    // Durable and buffered commits apart: the durable head is what the
+    // `Sync` commits since the reopen made durable, never more.
+    prop_assert_eq!(outbox.durable_head(), model.durable, "durable head");
     prop_assert_eq!(outbox.tail(), model.pruned_through + 1);
     let entries = outbox.read(0, usize::MAX).map_err(fail)?;
     let expected = &model.events[model.pruned_through as usize..];
@@ -115,12 +148,69 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn open(path: &Path) -> Result<Store, TestCaseError> {
+fn open(path: &Path, pipelined: bool) -> Result<Store, TestCaseError> {
     Store::options()
         .durability(Durability::Buffered)
+        .pipelined_fsync(pipelined)
         .max_conflict_retries(0)
         .open(path)
         .map_err(|e| TestCaseError::fail(e.to_string()))
+}
+
+/// Commits `actions` (with `Sync` durability if `sync`); returns what
+/// `Store::write` returned, the commit's seqs on success.
+fn commit(store: &Store, actions: &[Action], sync: bool) -> outboxkv::Result<std::ops::Range<u64>> {
+    store
+        .write(|tx| {
+            if sync {
+                tx.set_durability(Durability::Sync);
+            }
+            stage(tx, actions)
+        })
+        .map(|c| c.seqs)
+}
+
+/// What a commit that ran into an injected fault must leave: poisoned,
+/// with an unknown outcome (the write may have reached the log).
+fn expect_poisoned<T: std::fmt::Debug>(r: &outboxkv::Result<T>) -> Result<(), TestCaseError> {
+    prop_assert!(
+        matches!(
+            r,
+            Err(Error::Poisoned {
+                outcome: WriteOutcome::Unknown,
+                ..
+            })
+        ),
+        "expected a poisoned store with an unknown outcome, got {:?}",
+        r
+    );
+    Ok(())
+}
+
+impl Model {
+    /// Applies a successful commit of `actions` that returned `seqs`.
+    fn committed(
+        &mut self,
+        actions: &[Action],
+        sync: bool,
+        seqs: std::ops::Range<u64>,
+    ) -> Result<(), TestCaseError> {
+        let before = self.events.len() as u64;
+        self.apply(actions);
+        let emitted = self.events.len() as u64 - before;
+        if emitted > 0 {
+            prop_assert_eq!(seqs, before + 1..before + 1 + emitted);
+        } else {
+            prop_assert!(seqs.is_empty());
+        }
+        // A `Sync` commit that wrote anything: a pipelined fsync covers
+        // every seq written before it; a synced group write (fsync not
+        // pipelined) raises the durable head to its own last seq.
+        if sync && !actions.is_empty() && (self.pipelined || emitted > 0) {
+            self.durable = self.events.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 proptest! {
@@ -130,23 +220,14 @@ proptest! {
     fn store_matches_model(steps in prop::collection::vec(step(), 1..40)) {
         let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
         let fail = |e: Error| TestCaseError::fail(e.to_string());
-        let mut store = open(dir.path())?;
-        let mut model = Model::default();
+        let mut pipelined = true;
+        let mut store = open(dir.path(), pipelined)?;
+        let mut model = Model { pipelined, ..Model::default() };
         for step in steps {
             match step {
                 Step::Commit(actions, sync) => {
-                    let c = store.write(|tx| {
-                        if sync { tx.set_durability(Durability::Sync); }
-                        stage(tx, &actions)
-                    }).map_err(fail)?;
-                    let before = model.events.len() as u64;
-                    model.apply(&actions);
-                    let emitted = model.events.len() as u64 - before;
-                    if emitted > 0 {
-                        prop_assert_eq!(c.seqs, before + 1..before + 1 + emitted);
-                    } else {
-                        prop_assert!(c.seqs.is_empty());
-                    }
+                    let seqs = commit(&store, &actions, sync).map_err(fail)?;
+                    model.committed(&actions, sync, seqs)?;
                 }
                 Step::Abort(actions) => {
                     let r = store.write(|tx| {
@@ -188,9 +269,75 @@ proptest! {
                     store.outbox().prune_through(through).map_err(fail)?;
                     model.pruned_through = model.pruned_through.max(through);
                 }
-                Step::Reopen => {
+                Step::Reopen(p) => {
                     drop(store);
-                    store = open(dir.path())?;
+                    pipelined = p;
+                    store = open(dir.path(), pipelined)?;
+                    model.durable = 0;
+                    model.pipelined = p;
+                }
+                Step::FailFsync(actions) => {
+                    store.inject(Failpoint::WalSync, 0, Some(Fault::Fail));
+                    let r = commit(&store, &actions, true);
+                    store.inject(Failpoint::WalSync, 0, None);
+                    match r {
+                        // Nothing to fsync (no writes), or fsynced by the
+                        // group's own write (fsync not pipelined).
+                        Ok(seqs) => model.committed(&actions, true, seqs)?,
+                        Err(_) => {
+                            expect_poisoned(&r)?;
+                            prop_assert!(!actions.is_empty() && pipelined, "{:?}", r);
+                            // Written before the fsync: a process that
+                            // goes on (or crashes) still has it.
+                            drop(store);
+                            store = open(dir.path(), pipelined)?;
+                            model.apply(&actions);
+                            model.durable = 0;
+                        }
+                    }
+                }
+                Step::FaultyCommit(actions, sync, f) => {
+                    store.inject(Failpoint::CommitWrite, 0, Some(f));
+                    let r = commit(&store, &actions, sync);
+                    store.inject(Failpoint::CommitWrite, 0, None);
+                    match r {
+                        Ok(seqs) => {
+                            // Only a commit without writes skips the group write.
+                            prop_assert!(actions.is_empty(), "{:?}", seqs);
+                            model.committed(&actions, sync, seqs)?;
+                        }
+                        Err(_) => {
+                            expect_poisoned(&r)?;
+                            // A poisoned store refuses every write after.
+                            let again = store.write(|tx| tx.put(&T, &0, &0));
+                            prop_assert!(matches!(again, Err(Error::Poisoned { outcome: WriteOutcome::NotWritten, .. })), "{:?}", again);
+                            drop(store);
+                            store = open(dir.path(), pipelined)?;
+                            if f == Fault::CrashAfter {
+                                model.apply(&actions);
+                            }
+                            model.durable = 0;
+                        }
+                    }
+                }
+                Step::FaultyPrune(keep, f) => {
+                    let head = model.events.len() as u64;
+                    let through = head.saturating_sub(u64::from(keep));
+                    store.inject(Failpoint::PruneWrite, 0, Some(f));
+                    let r = store.outbox().prune_through(through);
+                    store.inject(Failpoint::PruneWrite, 0, None);
+                    if through < model.pruned_through + 1 {
+                        // Below the tail: nothing to write.
+                        prop_assert!(r.is_ok(), "{:?}", r);
+                    } else {
+                        prop_assert!(matches!(r, Err(Error::Poisoned { .. })), "{:?}", r);
+                        drop(store);
+                        store = open(dir.path(), pipelined)?;
+                        if f == Fault::CrashAfter {
+                            model.pruned_through = through;
+                        }
+                        model.durable = 0;
+                    }
                 }
             }
             check(&store, &model)?;

@@ -1,5 +1,7 @@
 //! The outbox API: batches, pruning, waiting, backpressure and size limits.
 
+mod common;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use outboxkv::{Durability, Error, Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const T: Table<u32, u32> = Table::new("t");
 

@@ -1,8 +1,10 @@
 //! Point reads, ranges in both directions, prefix scans and snapshots.
 
+mod common;
+
 use outboxkv::{Error, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const NUMS: Table<i64, String> = Table::new("nums");
 const NAMES: Table<str, u32> = Table::new("names");

@@ -5,6 +5,8 @@
 //! failures never dead-letter, a dead-letter storm is held back, and
 //! entries acknowledged beyond a failing one are not published again.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use outboxkv::relay::{Backoff, BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::{Event, OutboxEntry, Store};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 fn fast() -> Backoff {
     Backoff {

@@ -1,6 +1,8 @@
 //! The relay with the embedded sinks: ordering, dead letters, backoff,
 //! shutdown. Runs without a broker.
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +12,7 @@ use outboxkv::relay::{Backoff, BoxFuture, Outcome, Relay, Shutdown, Sink};
 use outboxkv::sink::FileSink;
 use outboxkv::{Durability, Event, OutboxEntry, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const T: Table<u64, u64> = Table::new("t");
 

@@ -24,7 +24,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sinks::{PublishThenHang, wait_published};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 type BoxError = Box<dyn std::error::Error>;
 
 /// One record as a consumer sees it.

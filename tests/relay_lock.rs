@@ -3,6 +3,8 @@
 //! `Error::RelayLocked` and changes nothing. (Before, only the sidecar took
 //! it, and an in-process relay and a sidecar pruned each other's entries.)
 
+mod common;
+
 use std::time::Duration;
 
 use outboxkv::relay::SidecarSource;
@@ -10,7 +12,7 @@ use outboxkv::relay::{Relay, Shutdown};
 use outboxkv::sink::FileSink;
 use outboxkv::{Error, Event, Store};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_of_any_kind_is_refused() -> TestResult {

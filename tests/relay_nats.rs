@@ -20,7 +20,7 @@ use outboxkv::sink::nats::{NatsOptions, NatsSink, StreamSetup};
 use outboxkv::{Durability, Event, OutboxEntry, Store};
 use sinks::{PublishThenHang, wait_published};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const STREAM: &str = "EVENTS";
 

@@ -2,6 +2,8 @@
 //! store's identity, format version and lock are checked before anything is
 //! written.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -9,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use outboxkv::{Durability, Error, Event, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const T: Table<u32, String> = Table::new("t");
 

@@ -34,6 +34,8 @@
 //! cargo test --release --all-features --test serializable -- --nocapture`
 //! (`OUTBOXKV_HISTORY_SEED` repeats a run).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -45,7 +47,7 @@ use std::time::Duration;
 use outboxkv::{Durability, Error, Event, Store, Table};
 use serde::{Deserialize, Serialize};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 /// Registers (keys `0..KEYS`) and bank accounts (`BANK..BANK + ACCOUNTS`).
 const CELLS: Table<u32, Cell> = Table::new("cells");

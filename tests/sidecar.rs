@@ -1,20 +1,15 @@
 //! The sidecar relay's source in-process: it ships only what it has made
 //! durable itself (the owner's log is fsynced after each catch-up).
 
+mod common;
+
 use std::time::Duration;
 
 use outboxkv::relay::OutboxSource;
 use outboxkv::relay::SidecarSource;
-use outboxkv::{Durability, Event, OutboxEntry, Store};
+use outboxkv::{Durability, OutboxEntry, Store};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn commit(store: &Store, range: std::ops::Range<u8>) -> outboxkv::Result<()> {
-    for i in range {
-        store.write(|tx| tx.emit(Event::bytes("t.changed", "k", vec![i])))?;
-    }
-    Ok(())
-}
+use common::TestResult;
 
 fn seqs(entries: &[OutboxEntry]) -> Vec<u64> {
     entries.iter().map(|e| e.seq).collect()
@@ -29,13 +24,13 @@ async fn the_sidecar_ships_only_what_it_read_before_its_own_fsync() -> TestResul
     let store = Store::options()
         .durability(Durability::Buffered)
         .open(&path)?;
-    commit(&store, 0..5)?;
+    common::emit_each(&store, 0..5)?;
 
     let source = SidecarSource::open(&path, Duration::from_millis(5))?;
     assert_eq!(source.head()?, 5, "what open read is made durable");
     assert_eq!(seqs(&source.read(1, 100, usize::MAX)?), vec![1, 2, 3, 4, 5]);
 
-    commit(&store, 5..8)?;
+    common::emit_each(&store, 5..8)?;
     // Catching the reader up by hand shows more, but nothing fsynced it.
     source.reader().catch_up()?;
     assert_eq!(source.reader().head()?, 8);
@@ -58,13 +53,13 @@ fn sync_wal_runs_while_the_owner_writes_and_flushes() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
     let store = Store::open(&path)?;
-    commit(&store, 0..3)?;
+    common::emit_each(&store, 0..3)?;
     let reader = outboxkv::StoreReader::open(&path, dir.path().join("scratch"))?;
     let mut logs = std::collections::BTreeSet::new();
     std::thread::scope(|s| -> TestResult {
         let writer = s.spawn(|| -> outboxkv::Result<()> {
             for round in 0..20u8 {
-                commit(&store, 0..20)?;
+                common::emit_each(&store, 0..20)?;
                 if round % 4 == 0 {
                     store.flush()?;
                 }

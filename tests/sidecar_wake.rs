@@ -3,20 +3,15 @@
 //! sidecars would add to.
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::time::Duration;
 
+use outboxkv::Store;
 use outboxkv::relay::OutboxSource;
 use outboxkv::relay::SidecarSource;
-use outboxkv::{Event, Store};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn commit(store: &Store, range: std::ops::Range<u8>) -> outboxkv::Result<()> {
-    for i in range {
-        store.write(|tx| tx.emit(Event::bytes("t.changed", "k", vec![i])))?;
-    }
-    Ok(())
-}
+use common::TestResult;
 
 /// On Linux the sidecar wakes on the owner's log writes: with a one-minute
 /// catch-up interval it still sees a commit at once.
@@ -25,14 +20,14 @@ async fn the_sidecar_wakes_on_the_owners_writes_not_only_on_its_timer() -> TestR
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("store");
     let store = Store::open(&path)?;
-    commit(&store, 0..1)?;
+    common::emit_each(&store, 0..1)?;
     let source = SidecarSource::open(&path, Duration::from_secs(60))?;
     assert_eq!(source.head()?, 1);
     for round in 0..3u8 {
         let head = source.head()?;
         let changed = tokio::spawn(source.changed(head));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        commit(&store, round..round + 1)?;
+        common::emit_each(&store, round..round + 1)?;
         tokio::time::timeout(Duration::from_secs(10), changed)
             .await
             .map_err(|_| format!("round {round}: no wake-up within 10 s"))??;

@@ -3,11 +3,13 @@
 //! registered, oversized commits are refused whole, and seqs read from disk
 //! are checked before any arithmetic.
 
+mod common;
+
 use std::time::Duration;
 
 use outboxkv::{Error, Event, Key, Store, Table};
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+use common::TestResult;
 
 const T: Table<u64, u64> = Table::new("t");
 

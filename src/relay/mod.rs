@@ -188,6 +188,13 @@ impl OutboxSource for Outbox {
         let batch = self.read_limited(from, max_entries, max_bytes)?;
         if let Some(last) = batch.last() {
             self.make_durable(last.seq)?;
+            // INV-SHIP: nothing is handed to a sink above the durable head.
+            crate::invariant::invariant!(
+                self.durable_head() >= last.seq,
+                "INV-SHIP: seq {} read for shipping above the durable head {}",
+                last.seq,
+                self.durable_head()
+            );
         }
         Ok(batch)
     }

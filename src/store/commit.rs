@@ -233,7 +233,10 @@ impl Pipeline {
             state: Mutex::new(State {
                 version: 0,
                 visible_version: 0,
-                written_seq: 0,
+                // What a reopen recovered counts as written (it is in the
+                // log, maybe in the page cache only): the first fsync
+                // makes it durable.
+                written_seq: next_seq - 1,
                 syncing: false,
                 awaiting: Vec::new(),
                 next_seq,
@@ -528,7 +531,7 @@ impl Pipeline {
                     // Groups are written strictly in version order.
                     invariant!(
                         version > st.visible_version && version <= st.version,
-                        "group version {version} written after version {} (last ordered {})",
+                        "INV-ORDER: group version {version} written after version {} (last ordered {})",
                         st.visible_version,
                         st.version
                     );

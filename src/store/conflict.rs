@@ -138,12 +138,15 @@ impl ConflictIndex {
     /// Registers a reader whose snapshot shows every version up to
     /// `visible` (the caller takes the snapshot after this call).
     pub(crate) fn register(&mut self, visible: u64, now: Instant) -> Ticket {
-        invariant!(self.floor <= visible, "floor above the visible version");
+        invariant!(
+            self.floor <= visible,
+            "INV-CONFLICT: floor above the visible version"
+        );
         invariant!(
             self.readers
                 .last_key_value()
                 .is_none_or(|(_, r)| r.start <= visible),
-            "snapshot versions must grow with registration order"
+            "INV-CONFLICT: snapshot versions must grow with registration order"
         );
         let id = self.next_id;
         self.next_id += 1;
@@ -186,7 +189,7 @@ impl ConflictIndex {
         // Registered readers hold the floor at or below their snapshot.
         invariant!(
             self.floor <= ticket.start,
-            "a reader's records were trimmed"
+            "INV-CONFLICT: a reader's records were trimmed"
         );
         for (i, hash) in reads.enumerate() {
             if self.latest.get(&hash).is_some_and(|&v| v > ticket.start) {
@@ -199,10 +202,13 @@ impl ConflictIndex {
     /// Records that the commit ordered with `version` writes these keys.
     /// Versions must be recorded in increasing order.
     pub(crate) fn record(&mut self, version: u64, writes: impl Iterator<Item = u64>) {
-        invariant!(version > self.floor, "recording below the floor");
+        invariant!(
+            version > self.floor,
+            "INV-CONFLICT: recording below the floor"
+        );
         invariant!(
             self.log.back().is_none_or(|&(v, _)| v <= version),
-            "versions must be recorded in order"
+            "INV-CONFLICT: versions must be recorded in order"
         );
         for hash in writes {
             self.latest.insert(hash, version);
@@ -278,7 +284,10 @@ impl ConflictIndex {
             .first_key_value()
             .map_or(u64::MAX, |(_, r)| r.start);
         let floor = oldest.min(visible);
-        invariant!(floor >= self.floor, "the floor never goes down");
+        invariant!(
+            floor >= self.floor,
+            "INV-CONFLICT: the floor never goes down"
+        );
         if self.log.back().is_some_and(|&(v, _)| v <= floor)
             && self.latest.capacity() <= 4 * self.log.len().max(64)
         {

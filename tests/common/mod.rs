@@ -1,5 +1,19 @@
-//! Test helpers shared by integration tests that need services.
+//! Test helpers shared by the integration tests: the result type, small
+//! commit helpers, and the services (nats-server, Kafka, the CloudEvents
+//! SDK, promtool) the broker tests start through `scripts/`.
 #![allow(dead_code)]
+
+/// What every test returns: `?` on any error fails it with the error.
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Commits one event per `i` in `range` (type `t.changed`, key `k`,
+/// payload `[i]`), each in its own transaction.
+pub fn emit_each(store: &outboxkv::Store, range: std::ops::Range<u8>) -> outboxkv::Result<()> {
+    for i in range {
+        store.write(|tx| tx.emit(outboxkv::Event::bytes("t.changed", "k", vec![i])))?;
+    }
+    Ok(())
+}
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

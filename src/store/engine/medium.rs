@@ -106,6 +106,7 @@ pub use faults::{Failpoint, Fault};
 
 #[cfg(feature = "failpoints")]
 mod faults {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     use parking_lot::Mutex;
@@ -169,6 +170,9 @@ mod faults {
     #[derive(Default)]
     pub(crate) struct Faults {
         points: Mutex<[Point; POINTS]>,
+        /// Set once any point is armed or delayed: until then a call does
+        /// not take the lock (benchmarks build with this feature too).
+        used: AtomicBool,
     }
 
     impl Faults {
@@ -179,16 +183,21 @@ mod faults {
             let p = &mut points[point.index()];
             p.passes = passes;
             p.fault = fault;
+            self.used.store(true, Ordering::Release);
         }
 
         /// Every call at `point` first sleeps `delay` (`ZERO`: no delay).
         pub(crate) fn delay(&self, point: Failpoint, delay: Duration) {
             self.points.lock()[point.index()].delay = delay;
+            self.used.store(true, Ordering::Release);
         }
 
         /// One call at `point`: sleeps its delay, then says which fault
         /// applies to it, if any.
         pub(crate) fn hit(&self, point: Failpoint) -> Option<Fault> {
+            if !self.used.load(Ordering::Acquire) {
+                return None;
+            }
             let (delay, fault) = {
                 let mut points = self.points.lock();
                 let p = &mut points[point.index()];

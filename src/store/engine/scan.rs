@@ -117,7 +117,8 @@ pub(crate) fn read_entries(
                 format!("entry says it is seq {}", entry.seq),
             ));
         }
-        // Pruning may have raced ahead of `from`; anything else is a hole.
+        // INV-CONTIG: pruning may have raced ahead of `from`; anything
+        // else is a hole, reported as damage.
         if seq != expected && expected >= tail_now() {
             return Err(Error::corruption(
                 format!("outbox seq {expected}"),
