@@ -66,18 +66,20 @@
 //! - `relay`: the [`relay`] (on Tokio), its metrics, and the file and
 //!   stdout [`sink`]s.
 //! - `nats`: the NATS JetStream sink. `kafka`: the Apache Kafka sink.
-//! - `config`: the relay configuration file ([`config`]). `cli`: the
-//!   `outbox-relay` binary.
+//! - `config`: the relay configuration file (`outboxkv::config`). `cli`:
+//!   the `outbox-relay` binary.
 //! - `rocksdb` (default): the storage engine. Without it only the record
 //!   formats and the [`Event`] builder are built; the fuzz crate uses that.
-//! - `failpoints` (tests only): [`Store::inject`] and the named
-//!   [`Failpoint`]s. `invariants`: checks the engine's invariants in
-//!   release builds too.
+//! - `failpoints` (tests only): `Store::inject` and the named
+//!   `Failpoint`s. `invariants`: checks the engine's invariants in release
+//!   builds too.
 //!
 //! ## Layout
 //!
-//! Every public type has one path: the crate root for the store and the
-//! outbox, [`relay`] for the shipping loop, [`sink`] for the brokers. The
+//! Every public item has one path: the crate root for the store and the
+//! outbox, `relay` for the shipping loop, `sink` for the brokers, `config`
+//! for the relay's configuration file and [`redact`] for keeping secrets
+//! out of logs. The
 //! modules behind them call only down: the record formats (`outbox`, and
 //! `store`'s key, value and meta codecs) at the bottom, then the engine
 //! layer (`store::engine`: column families, scans, files, locks, the
@@ -104,7 +106,7 @@ pub mod sink;
 mod store;
 
 pub use error::{BoxError, Error, Result, WriteOutcome};
-pub use outbox::cursor::{CursorDead, RelayCursor};
+pub use outbox::cursor::{CursorDead, CursorDecodeError, RelayCursor};
 pub use outbox::dead::DeadLetter;
 pub use outbox::entry::{EventId, OutboxEntry, ParseIdError, StoreId};
 pub use outbox::event::Event;
@@ -126,7 +128,7 @@ pub use store::engine::medium::{Failpoint, Fault};
 /// `docs/design.md`).
 #[doc(hidden)]
 pub mod codec {
-    pub use crate::outbox::cursor::{CURSOR_MAGIC, CURSOR_VERSION, CursorDecodeError, MAX_DEAD};
+    pub use crate::outbox::cursor::{CURSOR_MAGIC, CURSOR_VERSION, MAX_DEAD};
     pub use crate::outbox::dead::{DeadLetterDecodeError, decode_dead_letter};
     pub use crate::outbox::entry::{EntryDecodeError, decode_entry};
     pub use crate::store::key::decode_exact;

@@ -15,7 +15,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use outboxkv::{Durability, Error, Event, Failpoint, Fault, Store, Table, WriteOutcome};
+use outboxkv::{Durability, Error, Event, Store, Table};
+#[cfg(feature = "failpoints")]
+use outboxkv::{Failpoint, Fault, WriteOutcome};
 use proptest::prelude::*;
 
 const T: Table<u16, u32> = Table::new("model");
@@ -42,16 +44,39 @@ enum Step {
     Prune(u8),
     /// Reopen, with the fsync pipelined or not.
     Reopen(bool),
-    /// A `Sync` commit whose write-ahead-log fsync fails.
-    FailFsync(Vec<Action>),
-    /// A commit whose group write gets `Fault`, with `Sync` durability or not.
-    FaultyCommit(Vec<Action>, bool, Fault),
-    /// A prune through `head - keep` whose write gets `Fault`.
-    FaultyPrune(u8, Fault),
+    /// `Outbox::make_durable` through the head (what the relay does before
+    /// it ships).
+    MakeDurable,
+    /// An injected storage fault (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    Fault(FaultStep),
 }
 
+#[cfg(feature = "failpoints")]
+#[derive(Debug, Clone)]
+enum FaultStep {
+    /// A `Sync` commit whose write-ahead-log fsync gets `Fault`.
+    Fsync(Vec<Action>, Fault),
+    /// A commit whose group write gets `Fault`, with `Sync` durability or not.
+    Commit(Vec<Action>, bool, Fault),
+    /// A prune through `head - keep` whose write gets `Fault`.
+    Prune(u8, Fault),
+}
+
+#[cfg(feature = "failpoints")]
 fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![Just(Fault::Fail), Just(Fault::CrashAfter)]
+}
+
+#[cfg(feature = "failpoints")]
+fn fault_step() -> impl Strategy<Value = Step> {
+    let actions = || prop::collection::vec(action(), 0..6);
+    prop_oneof![
+        (actions(), fault()).prop_map(|(a, f)| FaultStep::Fsync(a, f)),
+        (actions(), any::<bool>(), fault()).prop_map(|(a, sync, f)| FaultStep::Commit(a, sync, f)),
+        (any::<u8>(), fault()).prop_map(|(k, f)| FaultStep::Prune(k % 8, f)),
+    ]
+    .prop_map(Step::Fault)
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -62,19 +87,20 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
-fn step() -> impl Strategy<Value = Step> {
+fn step() -> BoxedStrategy<Step> {
     let actions = || prop::collection::vec(action(), 0..6);
-    prop_oneof![
+    let steps = prop_oneof![
         6 => (actions(), any::<bool>()).prop_map(|(a, sync)| Step::Commit(a, sync)),
         1 => actions().prop_map(Step::Abort),
         1 => (0u16..24, actions()).prop_map(|(k, a)| Step::Conflict(k, a)),
         2 => actions().prop_map(Step::Batch),
         1 => any::<u8>().prop_map(|k| Step::Prune(k % 8)),
         1 => any::<bool>().prop_map(Step::Reopen),
-        1 => actions().prop_map(Step::FailFsync),
-        1 => (actions(), any::<bool>(), fault()).prop_map(|(a, sync, f)| Step::FaultyCommit(a, sync, f)),
-        1 => (any::<u8>(), fault()).prop_map(|(k, f)| Step::FaultyPrune(k % 8, f)),
-    ]
+        1 => Just(Step::MakeDurable),
+    ];
+    #[cfg(feature = "failpoints")]
+    let steps = prop_oneof![13 => steps, 3 => fault_step()];
+    steps.boxed()
 }
 
 #[derive(Default, Debug)]
@@ -172,6 +198,7 @@ fn commit(store: &Store, actions: &[Action], sync: bool) -> outboxkv::Result<std
 
 /// What a commit that ran into an injected fault must leave: poisoned,
 /// with an unknown outcome (the write may have reached the log).
+#[cfg(feature = "failpoints")]
 fn expect_poisoned<T: std::fmt::Debug>(r: &outboxkv::Result<T>) -> Result<(), TestCaseError> {
     prop_assert!(
         matches!(
@@ -276,71 +303,126 @@ proptest! {
                     model.durable = 0;
                     model.pipelined = p;
                 }
-                Step::FailFsync(actions) => {
-                    store.inject(Failpoint::WalSync, 0, Some(Fault::Fail));
-                    let r = commit(&store, &actions, true);
-                    store.inject(Failpoint::WalSync, 0, None);
-                    match r {
-                        // Nothing to fsync (no writes), or fsynced by the
-                        // group's own write (fsync not pipelined).
-                        Ok(seqs) => model.committed(&actions, true, seqs)?,
-                        Err(_) => {
-                            expect_poisoned(&r)?;
-                            prop_assert!(!actions.is_empty() && pipelined, "{:?}", r);
-                            // Written before the fsync: a process that
-                            // goes on (or crashes) still has it.
-                            drop(store);
-                            store = open(dir.path(), pipelined)?;
-                            model.apply(&actions);
-                            model.durable = 0;
-                        }
-                    }
+                Step::MakeDurable => {
+                    let head = store.outbox().head();
+                    store.outbox().make_durable(head).map_err(fail)?;
+                    model.durable = model.durable.max(head);
                 }
-                Step::FaultyCommit(actions, sync, f) => {
-                    store.inject(Failpoint::CommitWrite, 0, Some(f));
-                    let r = commit(&store, &actions, sync);
-                    store.inject(Failpoint::CommitWrite, 0, None);
-                    match r {
-                        Ok(seqs) => {
-                            // Only a commit without writes skips the group write.
-                            prop_assert!(actions.is_empty(), "{:?}", seqs);
-                            model.committed(&actions, sync, seqs)?;
-                        }
-                        Err(_) => {
-                            expect_poisoned(&r)?;
-                            // A poisoned store refuses every write after.
-                            let again = store.write(|tx| tx.put(&T, &0, &0));
-                            prop_assert!(matches!(again, Err(Error::Poisoned { outcome: WriteOutcome::NotWritten, .. })), "{:?}", again);
-                            drop(store);
-                            store = open(dir.path(), pipelined)?;
-                            if f == Fault::CrashAfter {
-                                model.apply(&actions);
-                            }
-                            model.durable = 0;
-                        }
-                    }
-                }
-                Step::FaultyPrune(keep, f) => {
-                    let head = model.events.len() as u64;
-                    let through = head.saturating_sub(u64::from(keep));
-                    store.inject(Failpoint::PruneWrite, 0, Some(f));
-                    let r = store.outbox().prune_through(through);
-                    store.inject(Failpoint::PruneWrite, 0, None);
-                    if through < model.pruned_through + 1 {
-                        // Below the tail: nothing to write.
-                        prop_assert!(r.is_ok(), "{:?}", r);
-                    } else {
-                        prop_assert!(matches!(r, Err(Error::Poisoned { .. })), "{:?}", r);
+                #[cfg(feature = "failpoints")]
+                Step::Fault(step) => {
+                    if run_fault(step, &store, &mut model)? {
+                        // Poisoned: what a restarted process finds.
                         drop(store);
                         store = open(dir.path(), pipelined)?;
-                        if f == Fault::CrashAfter {
-                            model.pruned_through = through;
-                        }
                         model.durable = 0;
                     }
                 }
             }
             check(&store, &model)?;
+        }
+    }
+}
+
+/// Runs a fault step; `Ok(true)` when it poisoned the store (the caller
+/// reopens it). Before that, the poisoned store must refuse every write and
+/// must not have published the failed commit (its head and durable head
+/// are where the model has them without it).
+#[cfg(feature = "failpoints")]
+fn run_fault(step: FaultStep, store: &Store, model: &mut Model) -> Result<bool, TestCaseError> {
+    let before = (store.outbox().head(), store.outbox().durable_head());
+    let poisoned = |store: &Store, model: &Model| -> Result<(), TestCaseError> {
+        let again = store.write(|tx| tx.put(&T, &0, &0));
+        prop_assert!(
+            matches!(
+                again,
+                Err(Error::Poisoned {
+                    outcome: WriteOutcome::NotWritten,
+                    ..
+                })
+            ),
+            "a poisoned store took a write: {:?}",
+            again
+        );
+        prop_assert_eq!(
+            store.outbox().head(),
+            model.events.len() as u64,
+            "head after the fault"
+        );
+        prop_assert_eq!(
+            store.outbox().durable_head(),
+            model.durable,
+            "durable head after the fault"
+        );
+        Ok(())
+    };
+    match step {
+        FaultStep::Fsync(actions, f) => {
+            store.inject(Failpoint::WalSync, 0, Some(f));
+            let r = commit(store, &actions, true);
+            store.inject(Failpoint::WalSync, 0, None);
+            match r {
+                Ok(seqs) => {
+                    // Nothing to fsync (no writes), or fsynced by the
+                    // group's own write (fsync not pipelined).
+                    prop_assert!(actions.is_empty() || !model.pipelined, "{:?}", seqs);
+                    model.committed(&actions, true, seqs)?;
+                    Ok(false)
+                }
+                Err(_) => {
+                    expect_poisoned(&r)?;
+                    prop_assert!(!actions.is_empty() && model.pipelined, "{:?}", r);
+                    prop_assert_eq!(
+                        before,
+                        (store.outbox().head(), store.outbox().durable_head())
+                    );
+                    poisoned(store, model)?;
+                    // Written before the fsync (which failed or "crashed"):
+                    // the restarted process has it.
+                    model.apply(&actions);
+                    Ok(true)
+                }
+            }
+        }
+        FaultStep::Commit(actions, sync, f) => {
+            store.inject(Failpoint::CommitWrite, 0, Some(f));
+            let r = commit(store, &actions, sync);
+            store.inject(Failpoint::CommitWrite, 0, None);
+            match r {
+                Ok(seqs) => {
+                    // Only a commit without writes skips the group write.
+                    prop_assert!(actions.is_empty(), "{:?}", seqs);
+                    model.committed(&actions, sync, seqs)?;
+                    Ok(false)
+                }
+                Err(_) => {
+                    expect_poisoned(&r)?;
+                    poisoned(store, model)?;
+                    if f == Fault::CrashAfter {
+                        model.apply(&actions);
+                    }
+                    Ok(true)
+                }
+            }
+        }
+        FaultStep::Prune(keep, f) => {
+            let head = model.events.len() as u64;
+            let through = head.saturating_sub(u64::from(keep));
+            store.inject(Failpoint::PruneWrite, 0, Some(f));
+            let r = store.outbox().prune_through(through);
+            store.inject(Failpoint::PruneWrite, 0, None);
+            if through <= model.pruned_through {
+                // At or below the tail - 1: nothing to write.
+                prop_assert!(r.is_ok(), "{:?}", r);
+                return Ok(false);
+            }
+            prop_assert!(matches!(r, Err(Error::Poisoned { .. })), "{:?}", r);
+            // Refused to move the tail on a failed prune.
+            prop_assert_eq!(store.outbox().tail(), model.pruned_through + 1);
+            poisoned(store, model)?;
+            if f == Fault::CrashAfter {
+                model.pruned_through = through;
+            }
+            Ok(true)
         }
     }
 }

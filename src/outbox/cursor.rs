@@ -90,7 +90,7 @@ pub struct RelayCursor {
 pub struct CursorDecodeError(pub String);
 
 impl RelayCursor {
-    /// Encodes the cursor (dead entries beyond [`MAX_DEAD`] and error text
+    /// Encodes the cursor (dead entries beyond the first 10,000 and error text
     /// beyond 64 KiB are cut, so the result always decodes).
     pub fn encode(&self) -> Vec<u8> {
         let dead = &self.dead[..self.dead.len().min(MAX_DEAD)];

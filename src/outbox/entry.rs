@@ -179,7 +179,8 @@ impl OutboxEntry {
             + 48
     }
 
-    /// Encodes this entry in the on-disk format (see [`decode_entry`]).
+    /// Encodes this entry in the on-disk format (described in
+    /// `docs/design.md`, "Record formats").
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.size_hint() + 16);
         encode_parts(

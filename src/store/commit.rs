@@ -725,7 +725,8 @@ impl Pipeline {
         };
         match self.fsync(inner) {
             Ok(()) => {
-                self.raise_durable_head(cover, cover);
+                let written = self.state.lock().written_seq;
+                self.raise_durable_head(written, cover);
                 Ok(())
             }
             Err(cause) => Err(self.poison(cause)),

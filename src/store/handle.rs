@@ -11,12 +11,12 @@ use rocksdb::{ColumnFamily, DB, WriteOptions};
 
 use super::commit::Pipeline;
 use super::engine::medium::Medium;
-use super::engine::{ALL_CFS, column_family};
+use super::engine::{ALL_CFS, CF_OUTBOX, column_family, scan};
 use super::meta::StoreMeta;
 use super::notify::Notifier;
 use super::options::{Durability, StoreOptions};
 use crate::error::Result;
-use crate::outbox::entry::StoreId;
+use crate::outbox::entry::{OutboxEntry, StoreId};
 
 /// An open outboxkv store: typed tables plus an outbox, in one RocksDB
 /// database.
@@ -132,6 +132,37 @@ impl Store {
 }
 
 impl Store {
+    /// Up to `max_entries` committed entries from seq `from` on (stopping
+    /// after about `max_bytes`), in seq order, contiguous (INV-CONTIG).
+    pub(crate) fn read_outbox(
+        &self,
+        from: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OutboxEntry>> {
+        let inner = &self.inner;
+        scan::read_entries(
+            &inner.db,
+            inner.cf(CF_OUTBOX)?,
+            scan::Window {
+                from,
+                tail: inner.pipeline.tail(),
+                head: inner.notifier.head(),
+            },
+            max_entries,
+            max_bytes,
+            || inner.pipeline.tail(),
+        )
+    }
+
+    /// The outbox entry with seq `seq`, if it is still in the outbox.
+    pub(crate) fn outbox_entry(&self, seq: u64) -> Result<Option<OutboxEntry>> {
+        Ok(self
+            .read_outbox(seq, 1, usize::MAX)?
+            .into_iter()
+            .find(|e| e.seq == seq))
+    }
+
     /// A handle that does not keep the store open (for collectors that
     /// outlive it).
     pub(crate) fn downgrade(&self) -> WeakStore {

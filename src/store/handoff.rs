@@ -1,8 +1,9 @@
 //! The owning store's side of a sidecar relay: the watcher that applies
 //! the sidecar's cursor file (`<store>/relay/cursor`, a
 //! [`RelayCursor`]) by completing the outbox through what it delivered.
-//! Part of the store core; [`Outbox::apply_relay_cursor`] is its public
-//! face.
+//! Part of the store core;
+//! [`Outbox::apply_relay_cursor`](crate::Outbox::apply_relay_cursor) is its
+//! public face.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -11,43 +12,33 @@ use std::time::Duration;
 
 use super::engine::file::{cursor_path, decode_cursor};
 use super::handle::Store;
-use super::outbox::Outbox;
 use crate::error::{Error, Result};
 use crate::outbox::dead::DeadLetter;
 
 #[cfg(doc)]
-use crate::outbox::cursor::RelayCursor;
+use crate::RelayCursor;
 
-impl Outbox {
-    /// Applies the sidecar relay's cursor file (`<store>/relay/cursor`), if
-    /// there is one: prunes every entry it delivered and moves the entries it
-    /// dead-lettered into the dead-letter table, in one atomic write. Returns
-    /// the new tail, or `None` when there is no cursor file.
-    ///
-    /// The store does this on its own every
-    /// [`relay_cursor_poll`](crate::StoreOptions::relay_cursor_poll). A
-    /// damaged cursor file, or one of another store, is an
-    /// [`Error::Corruption`] and prunes nothing.
-    pub fn apply_relay_cursor(&self) -> Result<Option<u64>> {
-        let path = cursor_path(self.store().path());
+impl Store {
+    /// Applies the sidecar's cursor file if there is one (see
+    /// [`Outbox::apply_relay_cursor`](crate::Outbox::apply_relay_cursor)).
+    pub(crate) fn apply_relay_cursor(&self) -> Result<Option<u64>> {
+        let path = cursor_path(self.path());
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("read relay cursor", &path, e)),
         };
-        self.store().apply_cursor_bytes(&path, &bytes).map(Some)
+        self.apply_cursor_bytes(&path, &bytes).map(Some)
     }
-}
 
-impl Store {
     /// Applies the cursor `bytes` read from `path`: checks it is this
     /// store's and its history, then completes through what it delivered.
     fn apply_cursor_bytes(&self, path: &Path, bytes: &[u8]) -> Result<u64> {
         let cursor = decode_cursor(path, bytes)?;
         cursor.check_owner(path, self.id())?;
-        let outbox = self.outbox();
-        let tail = outbox.tail();
-        cursor.check_history(path, outbox.head(), tail, |seq| outbox.get(seq))?;
+        let tail = self.inner.pipeline.tail();
+        let head = self.inner.notifier.head();
+        cursor.check_history(path, head, tail, |seq| self.outbox_entry(seq))?;
         let through = cursor.delivered_through;
         if through < tail {
             return Ok(tail);
@@ -58,7 +49,7 @@ impl Store {
             .iter()
             .filter(|d| d.seq >= tail && d.seq <= through)
         {
-            if let Some(entry) = outbox.get(d.seq)? {
+            if let Some(entry) = self.outbox_entry(d.seq)? {
                 dead.push(DeadLetter {
                     entry,
                     error: d.error.clone(),

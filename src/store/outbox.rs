@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::engine::{CF_DEAD, CF_OUTBOX, scan};
+use super::engine::{CF_DEAD, scan};
 use super::handle::Store;
 use super::notify::HeadChanged;
 use crate::error::{Error, Result};
@@ -116,28 +116,16 @@ impl Outbox {
         max_entries: usize,
         max_bytes: usize,
     ) -> Result<Vec<OutboxEntry>> {
-        let inner = &self.store.inner;
-        scan::read_entries(
-            &inner.db,
-            inner.cf(CF_OUTBOX)?,
-            scan::Window {
-                from,
-                tail: self.tail(),
-                head: self.head(),
-            },
-            max_entries,
-            max_bytes,
-            || self.tail(),
-        )
+        self.store.read_outbox(from, max_entries, max_bytes)
     }
 
     /// The entry with this seq, if it is still in the outbox.
     pub fn get(&self, seq: u64) -> Result<Option<OutboxEntry>> {
-        Ok(self.read(seq, 1)?.into_iter().find(|e| e.seq == seq))
+        self.store.outbox_entry(seq)
     }
 
     /// Removes every entry with seq `<= seq` (clamped to the head), with one
-    /// range delete (point deletes for spans under 256 entries, which keep
+    /// range delete (point deletes for spans of up to 256 entries, which keep
     /// range tombstones few), and returns the new tail. Pruning below the tail is a no-op.
     ///
     /// Pruning is written without an fsync whatever the store's durability:
@@ -153,6 +141,20 @@ impl Outbox {
     /// and prunes every entry `<= seq`. Returns the new tail.
     pub fn complete_through(&self, seq: u64, dead: &[DeadLetter]) -> Result<u64> {
         self.store.complete(seq, dead)
+    }
+
+    /// Applies the sidecar relay's cursor file (`<store>/relay/cursor`), if
+    /// there is one: prunes every entry it delivered and moves the entries it
+    /// dead-lettered into the dead-letter table, in one atomic write. Returns
+    /// the new tail, or `None` when there is no cursor file.
+    ///
+    /// The store does this on its own every
+    /// [`relay_cursor_poll`](crate::StoreOptions::relay_cursor_poll). A
+    /// damaged cursor file, one of another store, or one that is not this
+    /// store's history (ahead of its head, or naming another entry at its
+    /// last delivered seq) is an [`Error::Corruption`] and prunes nothing.
+    pub fn apply_relay_cursor(&self) -> Result<Option<u64>> {
+        self.store.apply_relay_cursor()
     }
 
     /// Age of the oldest entry still in the outbox (zero when it is empty).

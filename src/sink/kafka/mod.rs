@@ -12,7 +12,7 @@
 //!
 //! | header | value |
 //! |---|---|
-//! | `ce_<attribute>` | CloudEvents binary mode (Kafka protocol binding): every attribute and extension of [`cloudevents`] but `datacontenttype` (`ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_subject`, `ce_time`, `ce_partitionkey`, `ce_outboxseq`, `ce_traceparent`, ...) |
+//! | `ce_<attribute>` | CloudEvents binary mode (Kafka protocol binding): every attribute and extension of [`cloudevents`](crate::sink::cloudevents) but `datacontenttype` (`ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_subject`, `ce_time`, `ce_partitionkey`, `ce_outboxseq`, `ce_traceparent`, ...) |
 //! | `content-type` | the entry's content type (`datacontenttype`; left out when empty) |
 //! | `outboxkv_seq` | the outbox seq the entry was shipped from (decimal; what the restart scan reads) |
 //! | the event's own headers | as added, `traceparent` and `tracestate` among them (they never clash with the names above: [`Event`](crate::Event) refuses `ce_*`, `content-type` and `outboxkv*`) |
@@ -86,7 +86,7 @@
 //! The restart scan reads the topics it writes. A principal that may write
 //! but not read fails [`KafkaSink::connect`] when the topic template names
 //! one fixed topic (it is checked there), and otherwise stops the relay at
-//! the first scan ([`Outcome::Fatal`]), with an error saying what to
+//! the first scan ([`Outcome::Fatal`](crate::relay::Outcome::Fatal)), with an error saying what to
 //! grant, unless [`KafkaOptions::restart_scan_without_read`] says to ship
 //! without the scan for such topics (then a relay restart can duplicate
 //! records; consumers deduplicate on `ce_id`).

@@ -119,8 +119,11 @@ mod faults {
         /// The RocksDB write of a commit group.
         CommitWrite,
         /// An fsync of the write-ahead log: of a `Sync` commit group when
-        /// the fsync is pipelined (the default), or of
-        /// [`Outbox::make_durable`](crate::Outbox::make_durable).
+        /// the fsync is pipelined (the default), of
+        /// [`Outbox::make_durable`](crate::Outbox::make_durable), or of
+        /// [`Store::flush`](crate::Store::flush). A delay set with
+        /// [`Store::delay_fsyncs`](crate::Store::delay_fsyncs) runs before
+        /// the fsync, failing or not.
         WalSync,
         /// The write that prunes the outbox and records dead letters.
         PruneWrite,
