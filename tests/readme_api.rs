@@ -5,6 +5,7 @@
 
 mod common;
 
+#[cfg(any(feature = "nats", feature = "kafka"))]
 use std::time::Duration;
 
 use common::TestResult;

@@ -725,8 +725,8 @@ impl Pipeline {
         };
         match self.fsync(inner) {
             Ok(()) => {
-                let written = self.state.lock().written_seq;
-                self.raise_durable_head(written, cover);
+                // `cover` is the written seq sampled before the fsync.
+                self.raise_durable_head(cover, cover);
                 Ok(())
             }
             Err(cause) => Err(self.poison(cause)),

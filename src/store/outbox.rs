@@ -51,6 +51,7 @@ impl Store {
 }
 
 impl Outbox {
+    #[cfg(feature = "relay")]
     pub(crate) fn store(&self) -> &Store {
         &self.store
     }

@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::invariant::invariant;
 use crate::outbox::dead::DeadLetter;
 
-/// Spans shorter than this are pruned with point deletes, longer ones with
-/// one range delete (see [`Store::complete`]).
+/// Spans of up to this many entries are pruned with point deletes, longer
+/// ones with one range delete (see [`Store::complete`]).
 const POINT_DELETE_SPAN: u64 = 256;
 
 impl Store {
