@@ -292,7 +292,8 @@ impl RelayBuilder {
     }
 
     /// How long to wait for a batch to fill once entries are waiting. Adds up
-    /// to this much latency in exchange for larger batches. Default: zero.
+    /// to this much latency in exchange for larger batches; a batch that is
+    /// full, or fills while the relay waits, is sent at once. Default: zero.
     pub fn linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
@@ -596,13 +597,17 @@ impl Worker {
                     }
                 }
             }
-            if !self.linger.is_zero()
-                && head + 1 - tail < self.batch_size as u64
-                && mode == Mode::Running
-            {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.linger) => {}
-                    _ = stop.changed() => {}
+            if !self.linger.is_zero() && mode == Mode::Running {
+                // Wait for the batch to fill, up to the linger: a batch that
+                // is full (or fills meanwhile) goes at once.
+                let deadline = tokio::time::Instant::now() + self.linger;
+                let mut seen = head;
+                while seen + 1 - tail < self.batch_size as u64 {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        _ = outbox.changed(seen) => seen = outbox.head()?,
+                        _ = stop.changed() => break,
+                    }
                 }
             }
             let batch = outbox.read(tail, self.batch_size, self.batch_bytes)?;
@@ -614,10 +619,17 @@ impl Worker {
                 .oldest_undelivered_age_seconds
                 .set(age as f64 / 1e6);
             // Entries acknowledged in an earlier round are not sent again.
-            let (to_send, skipped): (Vec<OutboxEntry>, Vec<OutboxEntry>) = batch
-                .iter()
-                .cloned()
-                .partition(|e| !memory.acked_ahead.contains(&e.seq));
+            // Only then is the batch copied: the usual round sends it as read.
+            let to_send: std::borrow::Cow<'_, [OutboxEntry]> = if memory.acked_ahead.is_empty() {
+                std::borrow::Cow::Borrowed(&batch)
+            } else {
+                batch
+                    .iter()
+                    .filter(|e| !memory.acked_ahead.contains(&e.seq))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .into()
+            };
             self.metrics.published.inc_by(to_send.len() as u64);
             let sent = if to_send.is_empty() {
                 Vec::new()
@@ -654,7 +666,7 @@ impl Worker {
                 self.metrics.publish_ended();
                 sent
             };
-            let outcomes = merge_outcomes(&batch, &to_send, sent, &skipped);
+            let outcomes = merge_outcomes(&batch, &to_send, sent);
             let settled = self.settle(&batch, outcomes, &mut memory);
             if settled.fatal.is_some() && settled.through >= tail {
                 outbox.settle(settled.through, &settled.dead)?;
@@ -836,15 +848,16 @@ impl Worker {
     }
 }
 
-/// Puts the outcomes of the entries sent (`sent`, for `to_send`) and of
-/// those skipped as acknowledged before back in `batch`'s order.
+/// Puts the outcomes of the entries sent (`sent`, for `to_send`, a
+/// subsequence of `batch`) and of those skipped as acknowledged before back
+/// in `batch`'s order.
 fn merge_outcomes(
     batch: &[OutboxEntry],
     to_send: &[OutboxEntry],
     sent: Vec<Outcome>,
-    skipped: &[OutboxEntry],
 ) -> Vec<Outcome> {
-    if skipped.is_empty() {
+    if to_send.len() == batch.len() {
+        // Nothing skipped: `settle` checks the count against the batch.
         return sent;
     }
     if sent.len() != to_send.len() {
