@@ -292,8 +292,11 @@ impl RelayBuilder {
     }
 
     /// How long to wait for a batch to fill once entries are waiting. Adds up
-    /// to this much latency in exchange for larger batches; a batch that is
-    /// full, or fills while the relay waits, is sent at once. Default: zero.
+    /// to this much latency in exchange for larger batches; a batch that has
+    /// [`batch_size`](RelayBuilder::batch_size) entries, or reaches it while
+    /// the relay waits, is sent at once (one full by
+    /// [`batch_bytes`](RelayBuilder::batch_bytes) only waits out the linger).
+    /// Default: zero.
     pub fn linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
@@ -598,16 +601,33 @@ impl Worker {
                 }
             }
             if !self.linger.is_zero() && mode == Mode::Running {
-                // Wait for the batch to fill, up to the linger: a batch that
-                // is full (or fills meanwhile) goes at once.
-                let deadline = tokio::time::Instant::now() + self.linger;
+                // Wait for the batch to fill (in entries), up to the linger:
+                // a batch that is full, or fills meanwhile, goes at once. A
+                // stop request goes back to the top, which ends or drains.
+                let linger = tokio::time::sleep(self.linger);
+                tokio::pin!(linger);
                 let mut seen = head;
-                while seen + 1 - tail < self.batch_size as u64 {
+                let mut stopped = false;
+                while (seen + 1).saturating_sub(tail) < self.batch_size as u64 {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(deadline) => break,
-                        _ = outbox.changed(seen) => seen = outbox.head()?,
-                        _ = stop.changed() => break,
+                        _ = &mut linger => break,
+                        _ = outbox.changed(seen) => {
+                            let now = outbox.head()?;
+                            if now <= seen {
+                                // A spurious wake-up (the trait allows
+                                // them): let the runtime run other tasks.
+                                tokio::task::yield_now().await;
+                            }
+                            seen = seen.max(now);
+                        }
+                        _ = stop.changed() => {
+                            stopped = true;
+                            break;
+                        }
                     }
+                }
+                if stopped {
+                    continue;
                 }
             }
             let batch = outbox.read(tail, self.batch_size, self.batch_bytes)?;
