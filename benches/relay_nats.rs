@@ -80,6 +80,19 @@ async fn ack_await(
     Ok(ack.await?)
 }
 
+/// A `/proc/self/status` field in KiB (0 when it cannot be read).
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> BenchResult {
     // `cargo test --benches` runs bench binaries without `--bench`: keep that quick.
@@ -126,6 +139,32 @@ async fn main() -> BenchResult {
             "| outboxkv relay, batch 100, backlog recovered by a reopen | {n} | {:.3} | {rate:.0} | {:.2} |",
             t.as_secs_f64(),
             rate / raw_rate
+        );
+    }
+    {
+        // Memory while draining a backlog of 1 KiB events with the default
+        // settings: the process's peak RSS is reset (Linux clear_refs) once
+        // the store is filled, so the peak printed is the drain's own.
+        reset_stream(&js).await?;
+        let big = if quick { 2_000 } else { 200_000 };
+        let (_dir, store) = sinks::filled_store("orders.changed", big, 1024)?;
+        let before = rss_kib("VmRSS");
+        std::fs::write("/proc/self/clear_refs", "5")?;
+        let sink = NatsSink::connect(options(&server.url)).await?;
+        let start = Instant::now();
+        let relay = outboxkv::relay::Relay::builder(&store).sink(sink).start()?;
+        relay
+            .wait_delivered(big as u64, Duration::from_secs(600))
+            .await?;
+        let t = start.elapsed();
+        relay.shutdown(outboxkv::relay::Shutdown::Now).await?;
+        let peak = rss_kib("VmHWM");
+        println!(
+            "| outboxkv relay, default settings, {big} x 1 KiB backlog: RSS {} MiB before the drain, peak {} MiB during it | {big} | {:.3} | {:.0} | |",
+            before / 1024,
+            peak / 1024,
+            t.as_secs_f64(),
+            big as f64 / t.as_secs_f64()
         );
     }
     reset_stream(&js).await?;
