@@ -118,20 +118,8 @@ fn dir_size(path: &Path) -> u64 {
     total
 }
 
-/// Resets the kernel's peak-RSS mark of this process (`clear_refs` 5).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    common::proc_status_kib("VmHWM:") * 1024
 }
 
 fn now_micros() -> i64 {
@@ -190,7 +178,7 @@ struct Case {
 /// Sets a system up in `dir`, runs the workload, reports.
 fn run_case(case: &Case, dir: &Path, pg: Option<&str>, duration: Duration) -> AnyResult<Row> {
     let payload = vec![b'p'; case.payload];
-    reset_peak_rss();
+    let _ = common::reset_peak_rss();
     let (commits, elapsed, lat, data_dir): (u64, Duration, Vec<u64>, PathBuf) = match case.system {
         System::RawRocksDb => {
             let mut opts = Options::default();

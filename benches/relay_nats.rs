@@ -80,19 +80,6 @@ async fn ack_await(
     Ok(ack.await?)
 }
 
-/// A `/proc/self/status` field in KiB (0 when it cannot be read).
-fn rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> BenchResult {
     // `cargo test --benches` runs bench binaries without `--bench`: keep that quick.
@@ -148,8 +135,8 @@ async fn main() -> BenchResult {
         reset_stream(&js).await?;
         let big = if quick { 2_000 } else { 200_000 };
         let (_dir, store) = sinks::filled_store("orders.changed", big, 1024)?;
-        let before = rss_kib("VmRSS");
-        std::fs::write("/proc/self/clear_refs", "5")?;
+        let before = common::proc_status_kib("VmRSS:");
+        common::reset_peak_rss()?;
         let sink = NatsSink::connect(options(&server.url)).await?;
         let start = Instant::now();
         let relay = outboxkv::relay::Relay::builder(&store).sink(sink).start()?;
@@ -158,7 +145,7 @@ async fn main() -> BenchResult {
             .await?;
         let t = start.elapsed();
         relay.shutdown(outboxkv::relay::Shutdown::Now).await?;
-        let peak = rss_kib("VmHWM");
+        let peak = common::proc_status_kib("VmHWM:");
         println!(
             "| outboxkv relay, default settings, {big} x 1 KiB backlog: RSS {} MiB before the drain, peak {} MiB during it | {big} | {:.3} | {:.0} | |",
             before / 1024,

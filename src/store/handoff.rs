@@ -6,11 +6,10 @@
 //! public face.
 
 use std::fs;
-use std::io::ErrorKind;
 use std::path::Path;
 use std::time::Duration;
 
-use super::engine::file::{cursor_path, decode_cursor};
+use super::engine::file::{cursor_path, decode_cursor, read_cursor_bytes};
 use super::handle::Store;
 use crate::error::{Error, Result};
 use crate::outbox::dead::DeadLetter;
@@ -23,12 +22,9 @@ impl Store {
     /// [`Outbox::apply_relay_cursor`](crate::Outbox::apply_relay_cursor)).
     pub(crate) fn apply_relay_cursor(&self) -> Result<Option<u64>> {
         let path = cursor_path(self.path());
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("read relay cursor", &path, e)),
-        };
-        self.apply_cursor_bytes(&path, &bytes).map(Some)
+        read_cursor_bytes(&path)?
+            .map(|bytes| self.apply_cursor_bytes(&path, &bytes))
+            .transpose()
     }
 
     /// Applies the cursor `bytes` read from `path`: checks it is this

@@ -67,15 +67,7 @@ impl Store {
         }
         // INV-TAIL: the deletes and the new pruned-through are one write.
         batch.put_cf(inner.cf(CF_META)?, META_PRUNED_THROUGH, seq_key(seq));
-        inner
-            .medium
-            .write(
-                &inner.db,
-                WriteSite::Prune,
-                batch,
-                inner.write_options(Durability::Buffered),
-            )
-            .map_err(|cause| inner.pipeline.poison(cause))?;
+        self.write_or_poison(WriteSite::Prune, batch, Durability::Buffered)?;
         inner.pipeline.advance_tail(seq + 1);
         invariant!(
             inner.pipeline.tail() <= inner.notifier.head() + 1,
@@ -104,14 +96,20 @@ impl Store {
                 batch.delete_cf(cf, seq_key(u64::MAX));
             }
         }
+        self.write_or_poison(WriteSite::DeadLetterPurge, batch, inner.opts.durability)
+    }
+
+    /// Writes `batch` through the medium; a failure poisons the store.
+    fn write_or_poison(
+        &self,
+        at: WriteSite,
+        batch: WriteBatch,
+        durability: Durability,
+    ) -> Result<()> {
+        let inner = &self.inner;
         inner
             .medium
-            .write(
-                &inner.db,
-                WriteSite::DeadLetterPurge,
-                batch,
-                inner.write_options(inner.opts.durability),
-            )
+            .write(&inner.db, at, batch, inner.write_options(durability))
             .map_err(|cause| inner.pipeline.poison(cause))
     }
 }

@@ -3,6 +3,25 @@
 //! SDK, promtool) the broker tests start through `scripts/`.
 #![allow(dead_code)]
 
+/// A field of `/proc/self/status` in KiB (`VmRSS`, `VmHWM`, ...; 0 when it
+/// cannot be read).
+pub fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resets the kernel's peak-RSS mark of this process (`clear_refs` 5), so
+/// that `VmHWM` then reports the peak from here on.
+pub fn reset_peak_rss() -> std::io::Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5")
+}
+
 /// What every test returns: `?` on any error fails it with the error.
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
 

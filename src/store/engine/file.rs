@@ -32,12 +32,19 @@ pub(crate) fn cursor_path(store_path: &Path) -> PathBuf {
 /// Reads and decodes the cursor file at `path`; `Ok(None)` when there is
 /// none, [`Error::Corruption`] when it is damaged.
 pub(crate) fn read_cursor(path: &Path) -> Result<Option<RelayCursor>> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read relay cursor", path, e)),
-    };
-    decode_cursor(path, &bytes).map(Some)
+    read_cursor_bytes(path)?
+        .map(|bytes| decode_cursor(path, &bytes))
+        .transpose()
+}
+
+/// The bytes of the cursor file at `path`, undecoded; `Ok(None)` when there
+/// is none.
+pub(crate) fn read_cursor_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("read relay cursor", path, e)),
+    }
 }
 
 /// Decodes cursor `bytes` read from `path`.
