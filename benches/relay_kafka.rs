@@ -5,7 +5,9 @@
 //! for a short run). Prints a markdown table.
 //!
 //! - Throughput: N events already committed, then shipped by the relay with
-//!   batches of 100, 500 (the default), 1000 and 5000 to a 4-partition topic; the raw producer
+//!   batches of 100, 500 (the default settings: four batches in flight),
+//!   1000 and 5000, and with one batch in flight (as before the relay
+//!   pipelined batches), to a 4-partition topic; the raw producer
 //!   sends the same records (300-byte payload, key, `ce_id` header) with the
 //!   same producer settings (idempotent, acks=all, murmur2_random,
 //!   linger.ms=1), 10,000
@@ -98,15 +100,29 @@ async fn main() -> BenchResult {
         "| raw rdkafka, idempotent, 10000 in flight | {n} | {:.3} | {raw_rate:.0} | 1.00 |",
         raw_time.as_secs_f64()
     );
-    for batch in [100usize, 500, 1000, 5000] {
-        let topic = format!("bench.relay{batch}");
+    // (label, batch size, in-flight entries; `None`: the defaults)
+    type Run = (&'static str, Option<usize>, Option<usize>);
+    let runs: [Run; 6] = [
+        ("batch 100", Some(100), None),
+        ("default", None, None),
+        (
+            "default settings, one batch in flight (as before pipelining)",
+            None,
+            Some(1),
+        ),
+        ("batch 1000", Some(1000), None),
+        ("batch 1000, one batch in flight", Some(1000), Some(1)),
+        ("batch 5000", Some(5000), None),
+    ];
+    for (i, (label, batch, in_flight)) in runs.into_iter().enumerate() {
+        let topic = format!("bench.relay{i}");
         create_topic(bootstrap, &topic, PARTITIONS, &[]).await?;
         let (_dir, store) = sinks::filled_store(&topic, n, PAYLOAD)?;
         let sink = KafkaSink::connect(KafkaOptions::new(bootstrap)).await?;
-        let t = sinks::drain_time(&store, sink, batch).await?;
+        let t = sinks::drain_time_of(&store, sink, batch, in_flight).await?;
         let rate = n as f64 / t.as_secs_f64();
         println!(
-            "| outboxkv relay, batch {batch} | {n} | {:.3} | {rate:.0} | {:.2} |",
+            "| outboxkv relay, {label} | {n} | {:.3} | {rate:.0} | {:.2} |",
             t.as_secs_f64(),
             rate / raw_rate
         );

@@ -4,9 +4,14 @@
 //! Run: `cargo bench --all-features --bench relay_nats` (add `-- --quick` for a
 //! short run). Prints a markdown table.
 //!
-//! - Throughput: N events already committed, then shipped by the relay with
-//!   batches of 1, 100 and 1000; the raw publisher sends the same 300-byte
-//!   payloads with a Nats-Msg-Id, 1000 acks in flight, every ack awaited.
+//! - Throughput: N events already committed (keys `k0`..`k49` in turn,
+//!   unless the row says otherwise), then shipped by the relay with batches
+//!   of 1, 100 and 1000, and with the default settings (batch 500, four
+//!   batches in flight), also with one batch in flight (what the relay did
+//!   before it pipelined batches); the raw publisher sends the same
+//!   300-byte payloads with a Nats-Msg-Id, 1000 acks in flight, every ack
+//!   awaited, once freely and once with at most one ack in flight per key
+//!   (the guarantee the relay keeps; see the NATS sink's order section).
 //! - Latency: after one warm-up event, commits at a steady 5,000 events/s
 //!   (Sync durability) for a few seconds; commit-to-ack time of every event
 //!   (p50, p99, max).
@@ -51,27 +56,86 @@ async fn reset_stream(js: &jetstream::Context) -> BenchResult {
     Ok(())
 }
 
-async fn raw(js: &jetstream::Context, n: usize) -> BenchResult<Duration> {
+/// `n` publishes, 1000 acks in flight; with `keys: Some(k)`, message `i`
+/// is of key `i % k` and waits until the previous one of its key is
+/// acknowledged (the order guarantee the relay keeps through reconnects).
+async fn raw(js: &jetstream::Context, n: usize, keys: Option<usize>) -> BenchResult<Duration> {
     let payload = bytes::Bytes::from(vec![7u8; PAYLOAD]);
     let start = Instant::now();
     let mut inflight = VecDeque::new();
+    let mut busy = vec![false; keys.unwrap_or(0)];
     for i in 0..n {
-        if inflight.len() >= 1000
-            && let Some(ack) = inflight.pop_front()
-        {
+        let key = keys.map(|k| i % k);
+        while inflight.len() >= 1000 || key.is_some_and(|k| busy[k]) {
+            let Some((k, ack)) = inflight.pop_front() else {
+                break;
+            };
             ack_await(ack).await?;
+            if let Some(k) = k {
+                busy[k] = false;
+            }
         }
         let mut h = HeaderMap::new();
         h.insert("Nats-Msg-Id", format!("raw-{i}").as_str());
-        inflight.push_back(
-            js.publish_with_headers("bench.raw", h, payload.clone())
-                .await?,
-        );
+        let ack = js
+            .publish_with_headers("bench.raw", h, payload.clone())
+            .await?;
+        if let Some(k) = key {
+            busy[k] = true;
+        }
+        inflight.push_back((key, ack));
     }
-    while let Some(ack) = inflight.pop_front() {
+    while let Some((_, ack)) = inflight.pop_front() {
         ack_await(ack).await?;
     }
     Ok(start.elapsed())
+}
+
+/// `threads` writers committing one event each with `Durability::Sync`
+/// (keys of their own) for `time` or until `done`: every commit's latency
+/// in microseconds.
+fn sync_writers(
+    store: &outboxkv::Store,
+    threads: usize,
+    time: Duration,
+    done: Option<&std::sync::atomic::AtomicBool>,
+) -> BenchResult<Vec<u64>> {
+    let end = Instant::now() + time;
+    let stop = || {
+        Instant::now() >= end || done.is_some_and(|d| d.load(std::sync::atomic::Ordering::Acquire))
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|w| {
+                let store = store.clone();
+                let stop = &stop;
+                scope.spawn(move || -> Result<Vec<u64>, String> {
+                    let mut latencies = Vec::new();
+                    let key = format!("writer-{w}");
+                    while !stop() {
+                        let t = Instant::now();
+                        store
+                            .write(|tx| {
+                                tx.set_durability(outboxkv::Durability::Sync);
+                                tx.emit(outboxkv::Event::bytes(
+                                    "orders.changed",
+                                    key.as_str(),
+                                    vec![1u8; PAYLOAD],
+                                ))
+                            })
+                            .map_err(|e| e.to_string())?;
+                        latencies.push(t.elapsed().as_micros() as u64);
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().map_err(|_| "writer panicked")??);
+        }
+        Ok(all)
+    })
 }
 
 async fn ack_await(
@@ -93,20 +157,54 @@ async fn main() -> BenchResult {
     println!("| run | events | seconds | events/s | vs raw |");
     println!("|---|---:|---:|---:|---:|");
     reset_stream(&js).await?;
-    let raw_time = raw(&js, n).await?;
+    let raw_time = raw(&js, n, None).await?;
     let raw_rate = n as f64 / raw_time.as_secs_f64();
     println!(
         "| raw async-nats, 1000 acks in flight | {n} | {:.3} | {raw_rate:.0} | 1.00 |",
         raw_time.as_secs_f64()
     );
-    for batch in [1usize, 100, 1000] {
+    reset_stream(&js).await?;
+    let t = raw(&js, n, Some(50)).await?;
+    let rate = n as f64 / t.as_secs_f64();
+    println!(
+        "| raw async-nats, 1000 acks in flight, at most one per key (50 keys) | {n} | {:.3} | {rate:.0} | {:.2} |",
+        t.as_secs_f64(),
+        rate / raw_rate
+    );
+    // (label, keys, batch size, in-flight entries; `None`: the defaults)
+    type Run = (&'static str, usize, Option<usize>, Option<usize>);
+    let runs: [Run; 7] = [
+        ("batch 1", 50, Some(1), None),
+        ("batch 100", 50, Some(100), None),
+        ("batch 1000", 50, Some(1000), None),
+        ("default", 50, None, None),
+        (
+            "default settings, one batch in flight (as before pipelining)",
+            50,
+            None,
+            Some(1),
+        ),
+        ("default settings, 10,000 keys", 10_000, None, None),
+        (
+            "default settings, 10,000 keys, one batch in flight",
+            10_000,
+            None,
+            Some(1),
+        ),
+    ];
+    for (label, keys, batch, in_flight) in runs {
         reset_stream(&js).await?;
-        let (_dir, store) = sinks::filled_store("orders.changed", n, PAYLOAD)?;
+        let (_dir, store) = sinks::filled_store_keys("orders.changed", n, PAYLOAD, keys)?;
         let sink = NatsSink::connect(options(&server.url)).await?;
-        let t = sinks::drain_time(&store, sink, batch).await?;
+        let t = sinks::drain_time_of(&store, sink, batch, in_flight).await?;
         let rate = n as f64 / t.as_secs_f64();
+        let keys = if label.contains("keys") {
+            String::new()
+        } else {
+            format!(", {keys} keys")
+        };
         println!(
-            "| outboxkv relay, batch {batch} | {n} | {:.3} | {rate:.0} | {:.2} |",
+            "| outboxkv relay, {label}{keys} | {n} | {:.3} | {rate:.0} | {:.2} |",
             t.as_secs_f64(),
             rate / raw_rate
         );
@@ -152,6 +250,47 @@ async fn main() -> BenchResult {
             peak / 1024,
             t.as_secs_f64(),
             big as f64 / t.as_secs_f64()
+        );
+    }
+    {
+        // A large backlog drained while 4 writers keep committing (Sync, one
+        // event each): the drain's rate against the raw client's, and the
+        // writers' commit latency while idle and during the drain.
+        reset_stream(&js).await?;
+        let big = if quick { 5_000 } else { 1_000_000 };
+        let (_dir, store) = sinks::filled_store("orders.changed", big, PAYLOAD)?;
+        let idle = sync_writers(
+            &store,
+            4,
+            Duration::from_secs(if quick { 1 } else { 3 }),
+            None,
+        )?;
+        let sink = NatsSink::connect(options(&server.url)).await?;
+        let start = Instant::now();
+        let relay = outboxkv::relay::Relay::builder(&store).sink(sink).start()?;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers = {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::task::spawn_blocking(move || {
+                sync_writers(&store, 4, Duration::from_secs(3600), Some(&*done))
+                    .map_err(|e| e.to_string())
+            })
+        };
+        relay
+            .wait_delivered(big as u64, Duration::from_secs(900))
+            .await?;
+        let t = start.elapsed();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let during = writers.await??;
+        relay.shutdown(outboxkv::relay::Shutdown::Now).await?;
+        let (_, _, idle_p99, _) = sinks::percentiles(idle);
+        let (count, _, during_p99, _) = sinks::percentiles(during);
+        let rate = big as f64 / t.as_secs_f64();
+        println!(
+            "| outboxkv relay, default, {big}-event backlog while 4 Sync writers commit ({count} commits; their p99 {idle_p99:.2} ms idle, {during_p99:.2} ms during the drain, {:.2}x) | {big} | {:.3} | {rate:.0} | {:.2} |",
+            during_p99 / idle_p99.max(f64::MIN_POSITIVE),
+            t.as_secs_f64(),
+            rate / raw_rate
         );
     }
     reset_stream(&js).await?;

@@ -282,6 +282,38 @@ async fn an_oversized_event_is_dead_lettered_with_the_brokers_error() -> TestRes
     Ok(())
 }
 
+/// Options for a sink connecting through `proxy`, with a short ack timeout.
+fn through_proxy(proxy: &proxy::Proxy) -> NatsOptions {
+    NatsOptions::new(proxy.url())
+        .prefix("events")
+        .ack_timeout(Duration::from_secs(1))
+        .create_stream(StreamSetup {
+            name: STREAM.into(),
+            subjects: vec!["events.>".into()],
+            duplicate_window: Duration::from_secs(120),
+        })
+}
+
+/// Has the proxy cut the connection five times, each in the middle of
+/// whatever is being sent, until `done` (at most 90 s, else it fails with
+/// `progress`); checks that it did cut at least three times.
+async fn cut_until(proxy: &proxy::Proxy, done: impl Fn() -> bool, progress: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut n = 0u64;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", progress());
+        if proxy.cuts.load(Ordering::SeqCst) < 5 && !proxy.armed() {
+            n += 1;
+            proxy.cut_after(20_000 + n * 7_919);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        proxy.cuts.load(Ordering::SeqCst) >= 3,
+        "the proxy cut too rarely"
+    );
+}
+
 /// A connection lost in the middle of a batch: the proxy cuts the relay's
 /// connection after a number of bytes, again and again, while the relay
 /// ships 10,000 events of 20 keys. Every event arrives once, and every
@@ -295,14 +327,7 @@ async fn connections_cut_mid_batch_keep_per_key_order() -> TestResult {
     let store = Store::options()
         .durability(Durability::Buffered)
         .open(dir.path())?;
-    let opts = NatsOptions::new(proxy.url())
-        .prefix("events")
-        .ack_timeout(Duration::from_secs(1))
-        .create_stream(StreamSetup {
-            name: STREAM.into(),
-            subjects: vec!["events.>".into()],
-            duplicate_window: Duration::from_secs(120),
-        });
+    let opts = through_proxy(&proxy);
     let sink = NatsSink::connect(opts).await?;
     let relay = Relay::builder(&store)
         .backoff(Backoff {
@@ -317,31 +342,94 @@ async fn connections_cut_mid_batch_keep_per_key_order() -> TestResult {
     let writers = tokio::task::spawn_blocking(move || {
         commit_from_threads(&s, 4, 2500, 20).map_err(|e| e.to_string())
     });
-    // Cut five times, each in the middle of whatever is being sent.
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let mut n = 0u64;
-    while relay.delivered() < 10_000 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "delivered {}",
-            relay.delivered()
-        );
-        if proxy.cuts.load(Ordering::SeqCst) < 5 && !proxy.armed() {
-            n += 1;
-            proxy.cut_after(20_000 + n * 7_919);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cut_until(
+        &proxy,
+        || relay.delivered() >= 10_000,
+        || format!("delivered {}", relay.delivered()),
+    )
+    .await;
     writers.await??;
-    assert!(
-        proxy.cuts.load(Ordering::SeqCst) >= 3,
-        "the proxy cut too rarely"
-    );
     // Read back directly, not through the proxy.
     let client = async_nats::connect(server.url.as_str()).await?;
     let js = jetstream::new(client);
     assert_exactly_once_in_key_order(&read_stream(&js).await?, 10_000);
     relay.shutdown(Shutdown::Now).await?;
+    Ok(())
+}
+
+/// One sink shared by two relays (two stores, the same key names), with the
+/// connection cut again and again: each relay sends its failed entries again
+/// while the other has publishes in flight, and neither waits for its own
+/// earlier attempt (the sink once held such an entry back for as long as
+/// the other relay was busy). Everything arrives once, every store's keys
+/// in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_sharing_a_sink_through_cuts_keep_per_key_order() -> TestResult {
+    let server = NatsServer::start(&[])?;
+    let proxy = proxy::Proxy::start(server.port).await?;
+    let opts = through_proxy(&proxy);
+    let sink: Arc<dyn Sink> = Arc::new(NatsSink::connect(opts).await?);
+    let backoff = Backoff {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(100),
+        factor: 2.0,
+        jitter: 0.0,
+    };
+    let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let mut stores = Vec::new();
+    let mut relays = Vec::new();
+    let mut writers = Vec::new();
+    for dir in [&dir_a, &dir_b] {
+        let store = Store::options()
+            .durability(Durability::Buffered)
+            .open(dir.path())?;
+        relays.push(
+            Relay::builder(&store)
+                .backoff(backoff.clone())
+                .sink_arc(sink.clone())
+                .start()?,
+        );
+        let s = store.clone();
+        writers.push(tokio::task::spawn_blocking(move || {
+            commit_from_threads(&s, 2, 1500, 20).map_err(|e| e.to_string())
+        }));
+        stores.push(store);
+    }
+    cut_until(
+        &proxy,
+        || relays.iter().all(|r| r.delivered() >= 3_000),
+        || {
+            format!(
+                "delivered {} and {}",
+                relays[0].delivered(),
+                relays[1].delivered()
+            )
+        },
+    )
+    .await;
+    for w in writers {
+        w.await??;
+    }
+    let client = async_nats::connect(server.url.as_str()).await?;
+    let js = jetstream::new(client);
+    let received = read_stream(&js).await?;
+    assert_eq!(received.messages.len(), 6_000, "stream message count");
+    let ids: HashSet<&String> = received.messages.values().map(|(id, _, _)| id).collect();
+    assert_eq!(ids.len(), 6_000, "distinct Nats-Msg-Ids");
+    let mut last: HashMap<(&str, &str), u64> = HashMap::new();
+    for (stream_seq, (id, key, seq)) in &received.messages {
+        let store = id.rsplit_once('-').map_or("", |(s, _)| s);
+        if let Some(prev) = last.insert((store, key.as_str()), *seq) {
+            assert!(
+                prev < *seq,
+                "store {store} key {key}: seq {seq} at stream seq {stream_seq} after {prev}"
+            );
+        }
+    }
+    for r in relays {
+        r.shutdown(Shutdown::Now).await?;
+    }
+    drop(stores);
     Ok(())
 }
 

@@ -272,6 +272,12 @@ impl RelayMetrics {
         );
     }
 
+    /// A publish in progress since `micros` (Unix time).
+    pub(crate) fn publish_started_at(&self, micros: u64) {
+        self.publishing_since
+            .store(micros.max(1), std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn publish_ended(&self) {
         self.publishing_since
             .store(0, std::sync::atomic::Ordering::Release);

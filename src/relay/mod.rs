@@ -13,7 +13,13 @@
 //! - **Order, per key**: entries are published in seq order and settled in
 //!   seq order: the relay never settles past an entry that is still
 //!   failing, and after a failure it publishes again from that entry,
-//!   skipping the entries acknowledged beyond it. The sinks keep a key's
+//!   skipping the entries acknowledged beyond it. A sink that takes several
+//!   publishes at once ([`Sink::max_concurrent_publishes`]: NATS, Kafka)
+//!   gets the next full batch while earlier ones await their
+//!   acknowledgements, within [`RelayBuilder::in_flight_entries`] and
+//!   [`RelayBuilder::in_flight_bytes`]; the outcomes are taken in in seq
+//!   order, and after a failure the relay lets what is in flight finish
+//!   before it publishes again from the failed entry. The sinks keep a key's
 //!   entries from overtaking each other when a publish fails (see their
 //!   module docs), so every key's events reach the broker in seq order.
 //!   Events of different keys may not, after a failure.
@@ -40,11 +46,12 @@ pub use metrics::{RelayMetricFamilies, RelayMetrics, register_store_metrics};
 pub use sidecar::{CatchUpHealth, SidecarSource, read_sidecar_cursor, sidecar_cursor_path};
 pub use sink::{BoxFuture, Outcome, Sink};
 
-use std::collections::HashMap;
-
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, Result};
@@ -209,6 +216,10 @@ impl OutboxSource for Outbox {
     }
 }
 
+/// The least of the default in-flight entry limit (small batches still keep
+/// the broker busy).
+const DEFAULT_IN_FLIGHT_ENTRIES: usize = 5000;
+
 /// How often a publish that keeps waiting is reported.
 const PUBLISH_WAIT_REPORT: Duration = Duration::from_secs(10);
 
@@ -250,6 +261,8 @@ pub struct RelayBuilder {
     sink: Option<Arc<dyn Sink>>,
     batch_size: usize,
     batch_bytes: usize,
+    in_flight_entries: Option<usize>,
+    in_flight_bytes: Option<usize>,
     linger: Duration,
     max_attempts: u32,
     storm_limit: u32,
@@ -291,12 +304,37 @@ impl RelayBuilder {
         self
     }
 
+    /// Most entries published and not yet settled, over every batch in
+    /// flight. A sink that takes several publishes at once
+    /// ([`Sink::max_concurrent_publishes`]: the NATS and Kafka sinks) gets
+    /// the next full batch while earlier ones await their acknowledgements,
+    /// as long as this and
+    /// [`in_flight_bytes`](RelayBuilder::in_flight_bytes) allow; one batch
+    /// is always allowed, and a batch that is not full goes out once nothing
+    /// is in flight. The others get one batch at a time whatever this says. Default: four batches (4 x
+    /// [`batch_size`](RelayBuilder::batch_size)), at least 5,000.
+    pub fn in_flight_entries(mut self, entries: usize) -> Self {
+        self.in_flight_entries = Some(entries.max(1));
+        self
+    }
+
+    /// Most bytes (entry size as stored, about) published and not yet
+    /// settled, over every batch in flight; see
+    /// [`in_flight_entries`](RelayBuilder::in_flight_entries). Default: four
+    /// batches (4 x [`batch_bytes`](RelayBuilder::batch_bytes)).
+    pub fn in_flight_bytes(mut self, bytes: usize) -> Self {
+        self.in_flight_bytes = Some(bytes.max(1));
+        self
+    }
+
     /// How long to wait for a batch to fill once entries are waiting. Adds up
     /// to this much latency in exchange for larger batches; a batch that has
     /// [`batch_size`](RelayBuilder::batch_size) entries, or reaches it while
     /// the relay waits, is sent at once (one full by
     /// [`batch_bytes`](RelayBuilder::batch_bytes) only waits out the linger).
-    /// Default: zero.
+    /// Only a relay with nothing in flight lingers: while batches await
+    /// their acknowledgements, what is committed meanwhile goes out as soon
+    /// as the in-flight limits allow. Default: zero.
     pub fn linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
@@ -359,6 +397,14 @@ impl RelayBuilder {
             sink,
             batch_size: self.batch_size,
             batch_bytes: self.batch_bytes,
+            in_flight_entries: self.in_flight_entries.unwrap_or(
+                self.batch_size
+                    .saturating_mul(4)
+                    .max(DEFAULT_IN_FLIGHT_ENTRIES),
+            ),
+            in_flight_bytes: self
+                .in_flight_bytes
+                .unwrap_or(self.batch_bytes.saturating_mul(4)),
             linger: self.linger,
             max_attempts: self.max_attempts,
             storm_limit: self.storm_limit,
@@ -369,7 +415,10 @@ impl RelayBuilder {
             _lock: lock,
         };
         let task = async move {
+            let metrics = worker.metrics.clone();
             let result = worker.run(stop_rx).await;
+            // However the worker ended, nothing is being published now.
+            metrics.publish_ended();
             if let Err(e) = &result {
                 tracing::error!(error = %e, "outboxkv relay stopped on an error");
             }
@@ -449,6 +498,8 @@ impl Relay {
             sink: None,
             batch_size: 500,
             batch_bytes: 4 << 20,
+            in_flight_entries: None,
+            in_flight_bytes: None,
             linger: Duration::ZERO,
             max_attempts: 5,
             storm_limit: 20,
@@ -536,6 +587,8 @@ struct Worker {
     sink: Arc<dyn Sink>,
     batch_size: usize,
     batch_bytes: usize,
+    in_flight_entries: usize,
+    in_flight_bytes: usize,
     linger: Duration,
     max_attempts: u32,
     storm_limit: u32,
@@ -547,6 +600,39 @@ struct Worker {
     /// What the source's `begin` returned (an in-process relay's lock),
     /// held while the worker runs.
     _lock: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// A batch being published: what the publish gives back.
+struct Round {
+    /// The entries read.
+    batch: Vec<OutboxEntry>,
+    /// The entries sent, when some of `batch` were acknowledged in an
+    /// earlier round and left out.
+    filtered: Option<Vec<OutboxEntry>>,
+    /// The sink's outcomes, one per entry sent.
+    sent: Vec<Outcome>,
+}
+
+impl Round {
+    /// The entries given to the sink.
+    fn sent_batch(&self) -> &[OutboxEntry] {
+        self.filtered.as_deref().unwrap_or(&self.batch)
+    }
+}
+
+/// What the worker keeps of a round in flight.
+struct Launched {
+    /// Its first seq.
+    first: u64,
+    entries: usize,
+    bytes: usize,
+    /// Commit time of its first entry.
+    oldest_micros: u64,
+    started: Instant,
+    /// When it started, Unix time (for the `publishing_for` gauge).
+    started_micros: u64,
+    /// How many times it was reported as still waiting.
+    reported: u32,
 }
 
 /// Attempts of an entry that failed at least once: (count, first failure).
@@ -574,6 +660,32 @@ impl Worker {
         };
         let mut failed_rounds = 0u32;
         let mut jitter = Jitter::new();
+        let max_publishes = self.sink.max_concurrent_publishes().max(1);
+        // Batches published and not settled yet, oldest first: their
+        // publishes (polled together, yielded in call order) and what the
+        // relay needs to know of each.
+        let mut inflight: FuturesOrdered<BoxFuture<'static, Round>> = FuturesOrdered::new();
+        let mut launched: VecDeque<Launched> = VecDeque::new();
+        let (mut inflight_entries, mut inflight_bytes) = (0usize, 0usize);
+        // The first seq not published yet (meaningful while `launched` is
+        // not empty; otherwise publishing starts at the tail).
+        let mut next = 0u64;
+        // The first round that did not settle completely, kept while the
+        // rounds behind it come in; then the relay backs off (or not) and
+        // publishes again from the tail.
+        let mut blocked: Option<Settled> = None;
+        // Whether a round settled anything since the relay last published
+        // again after a failure: an entry held back behind one that settled
+        // (dead-lettered, say) is published again at once; held with no
+        // progress at all, the relay backs off.
+        let mut progressed = false;
+        // Bytes per entry of the last batch read: how full (in bytes) the
+        // entries waiting are, before they are read.
+        let mut entry_bytes = 0usize;
+        // A wait for commits beyond the head it names, kept across rounds
+        // (a sidecar source's wait holds a wake-up it would lose if
+        // dropped).
+        let mut commit_wait: Option<(u64, BoxFuture<'static, ()>)> = None;
         loop {
             // A dropped `Relay` handle closes the channel: stop like `Now`.
             let mode = match stop.has_changed() {
@@ -587,148 +699,306 @@ impl Worker {
             self.metrics
                 .depth
                 .set((head + 1).saturating_sub(tail) as i64);
-            if tail > head {
-                self.metrics.oldest_undelivered_age_seconds.set(0.0);
-                match mode {
-                    Mode::Drain(_) => return Ok(()),
-                    _ => {
+            if launched.is_empty() {
+                if let Some(settled) = blocked.take() {
+                    if settled.held && progressed {
+                        // Held behind an entry that settled: go on at once
+                        // (the sink is fine; nothing to back off from).
+                        self.metrics.sink_up.set(1);
+                        failed_rounds = 0;
+                    } else {
+                        self.metrics.sink_up.set(i64::from(!settled.broker_wide));
+                        failed_rounds = failed_rounds.saturating_add(1);
+                        let delay = self.backoff.delay(failed_rounds, jitter.next_unit());
+                        tracing::warn!(
+                            sink = self.sink.name(),
+                            seq = settled.through + 1,
+                            error = %settled.first_error,
+                            retry_in = ?delay,
+                            "outbox delivery failed; backing off"
+                        );
                         tokio::select! {
-                            _ = outbox.changed(head) => {}
-                            _ = stop.changed() => {}
-                        }
-                        continue;
-                    }
-                }
-            }
-            if !self.linger.is_zero() && mode == Mode::Running {
-                // Wait for the batch to fill (in entries), up to the linger:
-                // a batch that is full, or fills meanwhile, goes at once. A
-                // stop request goes back to the top, which ends or drains.
-                let linger = tokio::time::sleep(self.linger);
-                tokio::pin!(linger);
-                let mut seen = head;
-                let mut stopped = false;
-                while (seen + 1).saturating_sub(tail) < self.batch_size as u64 {
-                    tokio::select! {
-                        _ = &mut linger => break,
-                        _ = outbox.changed(seen) => {
-                            let now = outbox.head()?;
-                            if now <= seen {
-                                // A spurious wake-up (the trait allows
-                                // them): let the runtime run other tasks.
-                                tokio::task::yield_now().await;
-                            }
-                            seen = seen.max(now);
-                        }
-                        _ = stop.changed() => {
-                            stopped = true;
-                            break;
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = must_stop(&mut stop) => return Ok(()),
                         }
                     }
-                }
-                if stopped {
+                    progressed = false;
                     continue;
                 }
+                if tail > head {
+                    self.metrics.oldest_undelivered_age_seconds.set(0.0);
+                    match mode {
+                        Mode::Drain(_) => return Ok(()),
+                        _ => {
+                            tokio::select! {
+                                _ = outbox.changed(head) => {}
+                                _ = stop.changed() => {}
+                            }
+                            continue;
+                        }
+                    }
+                }
+                if !self.linger.is_zero()
+                    && mode == Mode::Running
+                    && !self.linger_for(tail, head, &mut stop).await?
+                {
+                    continue;
+                }
+                next = tail;
             }
-            let batch = outbox.read(tail, self.batch_size, self.batch_bytes)?;
-            let Some(oldest) = batch.first() else {
-                continue;
-            };
-            let age = now_micros().saturating_sub(oldest.created_at_micros);
-            self.metrics
-                .oldest_undelivered_age_seconds
-                .set(age as f64 / 1e6);
-            // Entries acknowledged in an earlier round are not sent again.
-            // Only then is the batch copied: the usual round sends it as read.
-            let to_send: std::borrow::Cow<'_, [OutboxEntry]> = if memory.acked_ahead.is_empty() {
-                std::borrow::Cow::Borrowed(&batch)
+            // Publish the next batch if the limits leave room: one batch is
+            // always allowed; more only to a sink that takes them.
+            let (room_entries, room_bytes) = if launched.is_empty() {
+                (self.batch_size, self.batch_bytes)
             } else {
-                batch
-                    .iter()
-                    .filter(|e| !memory.acked_ahead.contains(&e.seq))
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .into()
+                (
+                    self.in_flight_entries
+                        .saturating_sub(inflight_entries)
+                        .min(self.batch_size),
+                    self.in_flight_bytes
+                        .saturating_sub(inflight_bytes)
+                        .min(self.batch_bytes),
+                )
             };
-            self.metrics.published.inc_by(to_send.len() as u64);
-            let sent = if to_send.is_empty() {
-                Vec::new()
+            if launched.is_empty() {
+                commit_wait = None;
+            }
+            let head = outbox.head()?;
+            // While batches are in flight, the next goes out only once it
+            // is full (in entries, or in bytes as far as the last batch's
+            // entry size tells): a commit at a time would cost a read (and,
+            // on a Buffered store, an fsync) per entry.
+            let available = (head + 1).saturating_sub(next);
+            let can_publish = blocked.is_none()
+                && launched.len() < max_publishes
+                && room_entries > 0
+                && room_bytes > 0;
+            // Rounds already done are taken in before anything more is
+            // published: a sink may forget earlier failures when a call
+            // comes with nothing in flight, so by then the relay must know
+            // of them (and publish again from the first).
+            let ready = if can_publish && !launched.is_empty() {
+                inflight.next().now_or_never().flatten()
             } else {
-                self.metrics.publish_started();
-                let publish = self.sink.publish(&to_send);
-                tokio::pin!(publish);
-                let started = Instant::now();
-                let mut report = tokio::time::interval_at(
-                    (started + PUBLISH_WAIT_REPORT).into(),
-                    PUBLISH_WAIT_REPORT,
-                );
-                let sent = loop {
-                    tokio::select! {
-                        o = &mut publish => break o,
-                        _ = report.tick() => {
-                            // A sink that waits for the broker (a Kafka
-                            // producer retrying without a timeout, a hung
-                            // connection): say so, and count the sink down.
+                None
+            };
+            let round = match ready {
+                Some(round) => Some(round),
+                None => {
+                    if can_publish
+                        && available > 0
+                        && (launched.is_empty()
+                            || available >= room_entries as u64
+                            || (available as usize).saturating_mul(entry_bytes) >= room_bytes)
+                    {
+                        let batch = outbox.read(next, room_entries, room_bytes)?;
+                        if let (Some(first), Some(last)) = (batch.first(), batch.last()) {
+                            let round = Launched {
+                                first: first.seq,
+                                entries: batch.len(),
+                                bytes: batch.iter().map(OutboxEntry::size_hint).sum(),
+                                oldest_micros: first.created_at_micros,
+                                started: Instant::now(),
+                                started_micros: now_micros(),
+                                reported: 0,
+                            };
+                            next = last.seq + 1;
+                            entry_bytes = round.bytes / round.entries.max(1);
+                            if launched.is_empty() {
+                                let age = now_micros().saturating_sub(round.oldest_micros);
+                                self.metrics
+                                    .oldest_undelivered_age_seconds
+                                    .set(age as f64 / 1e6);
+                                self.metrics.publish_started();
+                            }
+                            inflight_entries += round.entries;
+                            inflight_bytes += round.bytes;
+                            launched.push_back(round);
+                            let publish = self.publish(batch, &memory).await;
+                            inflight.push_back(publish);
+                            continue;
+                        }
+                        if launched.is_empty() {
+                            continue;
+                        }
+                    }
+                    let Some(oldest) = launched.front() else {
+                        continue;
+                    };
+                    let report_at = oldest.started + PUBLISH_WAIT_REPORT * (oldest.reported + 1);
+                    if can_publish && commit_wait.as_ref().is_none_or(|(h, _)| *h != head) {
+                        commit_wait = Some((head, outbox.changed(head)));
+                    }
+                    let round = tokio::select! {
+                        round = inflight.next() => round,
+                        _ = async {
+                            match &mut commit_wait {
+                                Some((_, wait)) => wait.await,
+                                None => std::future::pending().await,
+                            }
+                        }, if can_publish => {
+                            commit_wait = None;
+                            continue;
+                        }
+                        _ = tokio::time::sleep_until(report_at.into()) => {
+                            // A sink that waits for the broker (a Kafka producer
+                            // retrying without a timeout, a hung connection): say
+                            // so, and count the sink down.
                             self.metrics.sink_up.set(0);
                             tracing::warn!(
                                 sink = self.sink.name(),
-                                seq = tail,
-                                waited = ?started.elapsed(),
+                                seq = oldest.first,
+                                waited = ?oldest.started.elapsed(),
                                 "a publish is still waiting for the broker"
                             );
+                            if let Some(o) = launched.front_mut() {
+                                o.reported += 1;
+                            }
+                            continue;
                         }
                         _ = must_stop(&mut stop) => {
                             self.metrics.publish_ended();
                             return Ok(());
                         }
-                    }
-                };
-                self.metrics.publish_ended();
-                sent
+                    };
+                    round
+                }
             };
-            let outcomes = merge_outcomes(&batch, &to_send, sent);
-            let settled = self.settle(&batch, outcomes, &mut memory);
-            if settled.fatal.is_some() && settled.through >= tail {
+            let (Some(mut round), Some(done)) = (round, launched.pop_front()) else {
+                // Cannot happen (one `Launched` per publish); start over.
+                launched.clear();
+                inflight = FuturesOrdered::new();
+                (inflight_entries, inflight_bytes) = (0, 0);
+                continue;
+            };
+            inflight_entries = inflight_entries.saturating_sub(done.entries);
+            inflight_bytes = inflight_bytes.saturating_sub(done.bytes);
+            match launched.front() {
+                Some(o) => {
+                    self.metrics.publish_started_at(o.started_micros);
+                    if blocked.is_none() {
+                        // Settled through this round (or about to be):
+                        // the next round's first entry is the oldest.
+                        // While a round is blocked the gauge keeps its
+                        // stuck entry's age.
+                        let age = now_micros().saturating_sub(o.oldest_micros);
+                        self.metrics
+                            .oldest_undelivered_age_seconds
+                            .set(age as f64 / 1e6);
+                    }
+                }
+                None => self.metrics.publish_ended(),
+            }
+            let sent = std::mem::take(&mut round.sent);
+            let outcomes = merge_outcomes(&round.batch, round.sent_batch(), sent);
+            if blocked.is_some() {
+                // Behind a round that failed: only remember what was
+                // acknowledged, so it is not sent again.
+                self.settle(&round.batch, outcomes, &mut memory, true);
+                continue;
+            }
+            let settled = self.settle(&round.batch, outcomes, &mut memory, false);
+            let moved = settled.through >= done.first;
+            if settled.fatal.is_some() && moved {
                 outbox.settle(settled.through, &settled.dead)?;
             }
             if let Some(error) = settled.fatal {
                 self.metrics.sink_up.set(0);
+                self.metrics.publish_ended();
                 return Err(Error::Broker {
                     sink: self.sink.name().to_string(),
                     message: error,
                 });
             }
-            if settled.through >= tail {
+            if moved {
+                progressed = true;
                 outbox.settle(settled.through, &settled.dead)?;
                 memory.attempts.retain(|&seq, _| seq > settled.through);
                 memory.acked_ahead = memory.acked_ahead.split_off(&(settled.through + 1));
                 self.metrics.delivered_seq.set(settled.through as i64);
                 self.delivered.send_replace(settled.through);
             }
-            if settled.blocked && settled.held && settled.through >= tail {
-                // Held behind an entry that settled this round: go on at
-                // once (the sink is fine; nothing to back off from).
-                self.metrics.sink_up.set(1);
-                failed_rounds = 0;
-            } else if settled.blocked {
-                self.metrics.sink_up.set(i64::from(!settled.broker_wide));
-                failed_rounds = failed_rounds.saturating_add(1);
-                let delay = self.backoff.delay(failed_rounds, jitter.next_unit());
-                tracing::warn!(
-                    sink = self.sink.name(),
-                    seq = settled.through + 1,
-                    error = %settled.first_error,
-                    retry_in = ?delay,
-                    "outbox delivery failed; backing off"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = must_stop(&mut stop) => return Ok(()),
+            if settled.blocked {
+                // The gauge shows the entry that is stuck, not the next
+                // round's.
+                if let Some(stuck) = round.batch.iter().find(|e| e.seq > settled.through) {
+                    let age = now_micros().saturating_sub(stuck.created_at_micros);
+                    self.metrics
+                        .oldest_undelivered_age_seconds
+                        .set(age as f64 / 1e6);
                 }
+                blocked = Some(settled);
             } else {
                 self.metrics.sink_up.set(1);
                 failed_rounds = 0;
             }
+        }
+    }
+
+    /// Waits for the batch at `tail` to fill (in entries), up to the
+    /// linger: a batch that is full, or fills meanwhile, goes at once.
+    /// `false` when a stop request ended the wait (the caller goes back to
+    /// the top, which ends or drains).
+    async fn linger_for(
+        &self,
+        tail: u64,
+        head: u64,
+        stop: &mut watch::Receiver<Mode>,
+    ) -> Result<bool> {
+        let linger = tokio::time::sleep(self.linger);
+        tokio::pin!(linger);
+        let mut seen = head;
+        while (seen + 1).saturating_sub(tail) < self.batch_size as u64 {
+            tokio::select! {
+                _ = &mut linger => break,
+                _ = self.source.changed(seen) => {
+                    let now = self.source.head()?;
+                    if now <= seen {
+                        // A spurious wake-up (the trait allows them): let
+                        // the runtime run other tasks.
+                        tokio::task::yield_now().await;
+                    }
+                    seen = seen.max(now);
+                }
+                _ = stop.changed() => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Starts publishing `batch` (without the entries acknowledged in an
+    /// earlier round): the sink's `publish` is called, and its future
+    /// polled once, before this returns, so the calls reach the sink in
+    /// seq order (see [`Sink::max_concurrent_publishes`]).
+    async fn publish(&self, batch: Vec<OutboxEntry>, memory: &Memory) -> BoxFuture<'static, Round> {
+        // Only when some were acknowledged before is the batch copied: the
+        // usual round sends it as read.
+        let filtered = (!memory.acked_ahead.is_empty()).then(|| {
+            batch
+                .iter()
+                .filter(|e| !memory.acked_ahead.contains(&e.seq))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        let sink = self.sink.clone();
+        let mut round = Round {
+            batch,
+            filtered,
+            sent: Vec::new(),
+        };
+        self.metrics
+            .published
+            .inc_by(round.sent_batch().len() as u64);
+        let mut publish: BoxFuture<'static, Round> = Box::pin(async move {
+            if !round.sent_batch().is_empty() {
+                let sent = sink.publish(round.sent_batch()).await;
+                round.sent = sent;
+            }
+            round
+        });
+        match std::future::poll_fn(|cx| std::task::Poll::Ready(publish.as_mut().poll(cx))).await {
+            std::task::Poll::Ready(round) => Box::pin(std::future::ready(round)),
+            std::task::Poll::Pending => publish,
         }
     }
 
@@ -737,17 +1007,21 @@ impl Worker {
     /// Rejections count toward `max_attempts` only for the entry that
     /// blocks (not for entries waiting behind it), and never past the
     /// dead-letter storm limit.
+    ///
+    /// `behind`: the round follows one that did not settle completely;
+    /// nothing in it settles, its acknowledged entries are remembered.
     fn settle(
         &self,
         batch: &[crate::OutboxEntry],
         mut outcomes: Vec<Outcome>,
         memory: &mut Memory,
+        behind: bool,
     ) -> Settled {
         let now = now_micros();
         let mut settled = Settled {
             through: batch.first().map_or(0, |e| e.seq.saturating_sub(1)),
             dead: Vec::new(),
-            blocked: false,
+            blocked: behind,
             held: false,
             broker_wide: false,
             first_error: String::new(),
@@ -863,7 +1137,9 @@ impl Worker {
                  dead letters or raise the limit"
             );
         }
-        self.metrics.dead_letter_storm.set(i64::from(storm));
+        if !behind {
+            self.metrics.dead_letter_storm.set(i64::from(storm));
+        }
         settled
     }
 }

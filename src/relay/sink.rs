@@ -95,4 +95,42 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Publishes `batch`; see the trait documentation for the contract.
     fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>>;
+
+    /// How many publishes the relay may have in flight at once. Default: 1
+    /// (the relay awaits each batch before it reads the next).
+    ///
+    /// A sink that returns more than 1 accepts a call to `publish` while the
+    /// futures of earlier calls are still pending, and keeps per-key order
+    /// across them. What the relay promises such a sink:
+    ///
+    /// - The calls are made in seq order, and each call to `publish` (and
+    ///   the first poll of its future) is made before the next batch is
+    ///   read: a sink takes its place in the order (per key, per partition)
+    ///   in the body of `publish` or in that first poll.
+    /// - The futures are polled concurrently, and their outcomes taken in
+    ///   in call order (or all futures dropped, when the relay stops).
+    /// - Once the relay has taken in an outcome that holds it back (one
+    ///   other than `Acked` that does not dead-letter the entry), it makes
+    ///   no new call until every call in flight has returned; it then
+    ///   publishes again from the first entry that failed. A call that
+    ///   returns a failure while an earlier one is still pending is not
+    ///   known to the relay yet, so calls may still follow it; but a call
+    ///   made while none is in flight comes after the relay took in every
+    ///   outcome before it, and starts at the first entry not settled
+    ///   (leaving out only entries acknowledged beyond a failure). So a sink
+    ///   may forget earlier failures then.
+    /// - Seqs grow from call to call, except when the relay publishes again
+    ///   after a failure, from the first failed entry: an entry of the same
+    ///   key with a seq at or above one being published is then an earlier
+    ///   attempt, never one to wait for. (A sink shared by several relays,
+    ///   with [`RelayBuilder::sink_arc`](crate::relay::RelayBuilder::sink_arc),
+    ///   sees each relay's seqs, unrelated to the others'.)
+    ///
+    /// What the sink must do in turn: an entry of a key reaches the broker
+    /// only after every earlier entry of that key, from this call or an
+    /// earlier one, is acknowledged; an entry whose earlier entry of the
+    /// same key failed (or was held, or refused) is [`Outcome::Held`].
+    fn max_concurrent_publishes(&self) -> usize {
+        1
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outboxkv::relay::SidecarSource;
-use outboxkv::relay::{BoxFuture, Outcome, Relay, Shutdown, Sink};
+use outboxkv::relay::{BoxFuture, Outcome, Relay, RelayBuilder, Shutdown, Sink};
 use outboxkv::{Durability, Event, OutboxEntry, Store};
 use parking_lot::Mutex;
 
@@ -60,6 +60,9 @@ impl<S: Sink> Sink for Timed<S> {
     fn name(&self) -> &str {
         "timed"
     }
+    fn max_concurrent_publishes(&self) -> usize {
+        self.inner.max_concurrent_publishes()
+    }
     fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             let outcomes = self.inner.publish(batch).await;
@@ -85,6 +88,16 @@ pub fn filled_store(
     n: usize,
     payload: usize,
 ) -> AnyResult<(tempfile::TempDir, Store)> {
+    filled_store_keys(event_type, n, payload, 50)
+}
+
+/// Like [`filled_store`], with keys `k0`..`k{keys - 1}` in turn.
+pub fn filled_store_keys(
+    event_type: &str,
+    n: usize,
+    payload: usize,
+    keys: usize,
+) -> AnyResult<(tempfile::TempDir, Store)> {
     let dir = tempfile::tempdir()?;
     let store = Store::options()
         .durability(Durability::Buffered)
@@ -95,7 +108,7 @@ pub fn filled_store(
             (0..1000.min(n - chunk * 1000)).try_for_each(|i| {
                 tx.emit(Event::bytes(
                     event_type,
-                    format!("k{}", i % 50),
+                    format!("k{}", (chunk * 1000 + i) % keys.max(1)),
                     payload.clone(),
                 ))
             })
@@ -106,9 +119,40 @@ pub fn filled_store(
 
 /// How long a relay with `batch` takes to ship all of `store`'s outbox.
 pub async fn drain_time<S: Sink>(store: &Store, sink: S, batch: usize) -> AnyResult<Duration> {
+    drain_time_with(store, sink, |b| b.batch_size(batch)).await
+}
+
+/// How long a relay takes to ship all of `store`'s outbox with `batch`
+/// entries per batch and `in_flight` entries in flight (`None`: the
+/// defaults).
+pub async fn drain_time_of<S: Sink>(
+    store: &Store,
+    sink: S,
+    batch: Option<usize>,
+    in_flight: Option<usize>,
+) -> AnyResult<Duration> {
+    drain_time_with(store, sink, |mut b| {
+        if let Some(batch) = batch {
+            b = b.batch_size(batch);
+        }
+        if let Some(entries) = in_flight {
+            b = b.in_flight_entries(entries);
+        }
+        b
+    })
+    .await
+}
+
+/// How long a relay built by `configure` takes to ship all of `store`'s
+/// outbox.
+pub async fn drain_time_with<S: Sink>(
+    store: &Store,
+    sink: S,
+    configure: impl FnOnce(RelayBuilder) -> RelayBuilder,
+) -> AnyResult<Duration> {
     let n = store.outbox().head();
     let start = Instant::now();
-    let relay = Relay::builder(store).batch_size(batch).sink(sink).start()?;
+    let relay = configure(Relay::builder(store)).sink(sink).start()?;
     relay.wait_delivered(n, Duration::from_secs(300)).await?;
     let took = start.elapsed();
     relay.shutdown(Shutdown::Now).await?;

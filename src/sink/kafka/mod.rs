@@ -41,17 +41,20 @@
 //! with a lower `outboxkv_seq`, or the start of the partition, or
 //! [`KafkaOptions::restart_scan_limit`] records.
 //!
-//! Why that is exact: the relay publishes a batch only after the previous
-//! one has settled, and the producer keeps each partition in send order, so
-//! in every partition this store's records for seqs below the relay's cursor
-//! come before every record at or above it. The scan skips only entries
+//! Why that is exact: the sink hands records to the producer in seq order
+//! (with several batches in flight, one batch's records after the previous
+//! one's; see "Order"), and the producer keeps each partition in send
+//! order, so in every partition this store's records for seqs below the
+//! relay's cursor come before every record at or above it (apart from an
+//! entry sent again after one acknowledged beyond it: the scan may then
+//! stop early, and a consumer sees a duplicate). The scan skips only entries
 //! whose event id it has read in the topic, so it can never lose an entry:
 //! a copy restored from [`Store::checkpoint`](crate::Store::checkpoint)
 //! holds the original's unshipped entries (the original's ids) and then its
 //! own (its own ids, at seqs the original may have shipped entries of its
 //! own at); only the original's ids are taken for duplicates. What it does not
 //! cover: topics first written more than [`KafkaOptions::restart_span`] seqs
-//! after the cursor (keep the span above the relay's batch size), a scan
+//! after the cursor (keep the span above what the relay has in flight), a scan
 //! cut short by the limit, and a record another process wrote after the
 //! scan: in those cases a consumer sees a duplicate, which `ce_id` detects.
 //! What it cannot tell apart: a store copied at the file level (a volume
@@ -64,7 +67,13 @@
 //!
 //! The idempotent producer keeps every partition in send order through its
 //! own retries, and the relay re-sends from the first entry that failed, so
-//! per-key order holds. The one way a broker could still store a later
+//! per-key order holds. The relay may have several batches in flight: the
+//! sink hands their records to the producer in call order (a batch's
+//! records all before the next batch's; their deliveries overlap), replaces
+//! the producer (after a fatal error, for a smaller batch cap) only when no
+//! other batch has deliveries outstanding, and holds back an entry whose
+//! earlier entry of the same key was refused before sending, in an earlier
+//! batch too. The one way a broker could still store a later
 //! record of a key before an earlier one is a produce batch the topic
 //! refuses as too large (its `max.message.bytes` below the batch) while a
 //! later, smaller batch of the partition is accepted. The sink prevents
@@ -93,6 +102,7 @@
 
 mod context;
 mod options;
+mod order;
 mod publish;
 mod scan;
 
@@ -138,6 +148,10 @@ pub struct KafkaSink {
     recovery: Mutex<Recovery>,
     limits: Mutex<TopicLimits>,
     admin: AdminClient<DefaultClientContext>,
+    /// Send phases of the publishes in flight, in call order.
+    line: order::Turnstile,
+    /// Keys with an entry refused before sending, and the lowest such seq.
+    refused_keys: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -205,6 +219,8 @@ impl KafkaSink {
             recovery: Mutex::new(recovery),
             limits: Mutex::new(TopicLimits::default()),
             admin,
+            line: order::Turnstile::default(),
+            refused_keys: Mutex::new(std::collections::HashMap::new()),
         };
         sink.check_read_permission().await?;
         Ok(sink)

@@ -116,8 +116,10 @@ impl KafkaOptions {
     }
 
     /// How many seqs past the relay's cursor a restart scan covers: entries
-    /// beyond it are sent without looking. Keep it above the relay's batch
-    /// size. Default: 10,000.
+    /// beyond it are sent without looking. Keep it above what the relay
+    /// has in flight ([`in_flight_entries`](crate::relay::RelayBuilder::in_flight_entries),
+    /// by default four batches and at least 5,000): a relay that stopped
+    /// may have sent that much past its cursor. Default: 10,000.
     pub fn restart_span(mut self, seqs: u64) -> Self {
         self.restart_span = seqs.max(1);
         self

@@ -16,6 +16,7 @@ use crate::{EventId, OutboxEntry};
 
 use super::context::{LastError, SinkProducer};
 use super::options::valid_topic;
+use super::order::Ticket;
 use super::scan::{ScanError, Unfinished};
 use super::{KafkaSink, SEQ_HEADER};
 
@@ -33,6 +34,14 @@ pub(super) struct TopicLimits {
     /// again, the refusal stands (bounded: cleared when it grows large).
     pub(super) retried_too_large: HashSet<EventId>,
 }
+
+/// How many publishes the relay may have in flight at once (the relay's
+/// in-flight limits bound what is read).
+const CONCURRENT_PUBLISHES: usize = 8;
+
+/// Keys remembered as refused before later publishes hold back new ones
+/// (until the relay publishes alone and they are forgotten).
+const MAX_REFUSED_KEYS: usize = 10_000;
 
 /// Bytes kept below a topic's `max.message.bytes` for the record batch's
 /// own framing.
@@ -156,7 +165,17 @@ impl KafkaSink {
     }
 
     /// After a fatal error the producer cannot continue: make a new one.
-    fn rebuild_if_fatal(&self) {
+    /// Only a call made alone does: the records of calls in flight before
+    /// it fail with the producer and are sent again, so a later call's
+    /// records must not go out first. `false`: send nothing.
+    async fn rebuild_if_fatal(&self, ticket: &Ticket<'_>) -> bool {
+        if self.fatal().is_none() {
+            return true;
+        }
+        if !ticket.alone() {
+            return false;
+        }
+        ticket.alone_with_deliveries().await;
         let mut producer = self.producer.lock();
         if let Some((code, reason)) = producer.client().fatal_error() {
             // Only `connect` reads a client's reports; a rebuilt one logs them.
@@ -172,12 +191,15 @@ impl KafkaSink {
                 }
             }
         }
+        true
     }
 
     /// Reads `max.message.bytes` of the topics not seen yet and, when one
     /// is below the producer's batch cap, rebuilds the producer with a
-    /// smaller cap (no delivery is in flight between publishes).
-    async fn learn_limits(&self, topics: &[Option<String>]) {
+    /// smaller cap, once no other publish has deliveries outstanding.
+    /// `false`: the producer failed meanwhile under earlier publishes; send
+    /// nothing (see [`rebuild_if_fatal`](Self::rebuild_if_fatal)).
+    async fn learn_limits(&self, topics: &[Option<String>], ticket: &Ticket<'_>) -> bool {
         let new: Vec<String> = {
             let l = self.limits.lock();
             let mut new: Vec<String> = topics
@@ -191,55 +213,74 @@ impl KafkaSink {
             new
         };
         if new.is_empty() {
-            return;
+            return true;
         }
         let specs: Vec<ResourceSpecifier<'_>> =
             new.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
         let results = self.admin.describe_configs(&specs, &opts).await;
-        let mut limits = self.limits.lock();
-        if limits.known.len() > 10_000 {
-            // Topics per key: forget the limits (the cap stays in force).
-            limits.known.clear();
-        }
-        match results {
-            Ok(results) => {
-                for (topic, r) in new.iter().zip(results) {
-                    let limit = r.ok().and_then(|c| {
-                        c.get("max.message.bytes")
-                            .and_then(|e| e.value.as_deref())
-                            .and_then(|v| v.parse::<usize>().ok())
-                    });
-                    limits.known.insert(topic.clone(), limit);
+        // The cap to rebuild the producer with, if a smaller one is needed
+        // (the lock is not held across the wait below).
+        let smaller = {
+            let mut limits = self.limits.lock();
+            if limits.known.len() > 10_000 {
+                // Topics per key: forget the limits (the cap stays in force).
+                limits.known.clear();
+            }
+            match results {
+                Ok(results) => {
+                    for (topic, r) in new.iter().zip(results) {
+                        let limit = r.ok().and_then(|c| {
+                            c.get("max.message.bytes")
+                                .and_then(|e| e.value.as_deref())
+                                .and_then(|v| v.parse::<usize>().ok())
+                        });
+                        limits.known.insert(topic.clone(), limit);
+                    }
+                    let smallest = limits
+                        .known
+                        .values()
+                        .flatten()
+                        .min()
+                        .map(|l| l.saturating_sub(BATCH_MARGIN).max(1));
+                    (smallest.is_some() && smallest < limits.cap.or(Some(usize::MAX)))
+                        .then_some(smallest)
+                }
+                Err(e) => {
+                    // Not asked again for these topics (the principal may
+                    // lack DESCRIBE_CONFIGS): without their limits the
+                    // producer's batches stay as they are.
+                    tracing::warn!(error = %e, "could not read the topics' max.message.bytes");
+                    for topic in new {
+                        limits.known.insert(topic, None);
+                    }
+                    None
                 }
             }
-            Err(e) => {
-                // Not asked again for these topics (the principal may lack
-                // DESCRIBE_CONFIGS): without their limits the producer's
-                // batches stay as they are.
-                tracing::warn!(error = %e, "could not read the topics' max.message.bytes");
-                for topic in new {
-                    limits.known.insert(topic, None);
-                }
-                return;
-            }
+        };
+        let Some(smallest) = smaller else {
+            return true;
+        };
+        ticket.alone_with_deliveries().await;
+        let fatal = self.fatal().is_some();
+        if fatal && !ticket.alone() {
+            // Earlier publishes' records failed with the producer and are
+            // sent again first: the next publish made alone rebuilds it.
+            return false;
         }
-        let smallest = limits
-            .known
-            .values()
-            .flatten()
-            .min()
-            .map(|l| l.saturating_sub(BATCH_MARGIN).max(1));
-        if smallest.is_some() && smallest < limits.cap.or(Some(usize::MAX)) {
-            match self.opts.create_producer(&LastError::default(), smallest) {
-                Ok(p) => {
-                    tracing::info!(batch_size = ?smallest, "Kafka producer batches capped below the topics' max.message.bytes");
-                    *self.producer.lock() = Arc::new(p);
-                    limits.cap = smallest;
-                }
-                Err(e) => tracing::error!(error = %e, "could not rebuild the Kafka producer"),
-            }
+        if fatal {
+            // The capped producer below replaces the failed one.
+            self.recovery.lock().due = self.opts.restart_dedup;
         }
+        match self.opts.create_producer(&LastError::default(), smallest) {
+            Ok(p) => {
+                tracing::info!(batch_size = ?smallest, "Kafka producer batches capped below the topics' max.message.bytes");
+                *self.producer.lock() = Arc::new(p);
+                self.limits.lock().cap = smallest;
+            }
+            Err(e) => tracing::error!(error = %e, "could not rebuild the Kafka producer"),
+        }
+        true
     }
 }
 
@@ -248,17 +289,57 @@ impl Sink for KafkaSink {
         "kafka"
     }
 
+    /// Several batches may be in flight at once: their records are handed
+    /// to the producer in call order (see the module documentation).
+    fn max_concurrent_publishes(&self) -> usize {
+        CONCURRENT_PUBLISHES
+    }
+
     fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        // The place in line is taken now, in call order.
+        let mut ticket = self.line.enter();
         Box::pin(async move {
-            self.rebuild_if_fatal();
+            ticket.turn().await;
+            if ticket.alone() {
+                // Nothing else in flight: the relay has taken in every
+                // earlier outcome and publishes again from the first entry
+                // that failed.
+                self.refused_keys.lock().clear();
+            }
+            let too_many_refused =
+                !ticket.alone() && self.refused_keys.lock().len() >= MAX_REFUSED_KEYS;
+            if ticket.halted() || too_many_refused || !self.rebuild_if_fatal(&ticket).await {
+                // An earlier batch in flight failed as a whole, or the
+                // producer failed under earlier batches: send nothing that
+                // could overtake what they will send again. (Or many keys
+                // wait behind refused entries: let the relay drain, so the
+                // next publish is made alone and forgets them.)
+                ticket.halt();
+                return batch
+                    .iter()
+                    .map(|_| Outcome::Held {
+                        reason: "held back: an earlier batch in flight failed".into(),
+                    })
+                    .collect();
+            }
             let topics: Vec<Option<String>> = batch
                 .iter()
                 .map(|e| Some(self.opts.render(&e.event_type, &e.key)).filter(|t| valid_topic(t)))
                 .collect();
-            self.learn_limits(&topics).await;
-            let delivered = match self.already_delivered(batch, &topics).await {
+            if !self.learn_limits(&topics, &ticket).await {
+                ticket.halt();
+                return batch
+                    .iter()
+                    .map(|_| Outcome::Held {
+                        reason: "held back: the producer failed under an earlier batch in flight"
+                            .into(),
+                    })
+                    .collect();
+            }
+            let delivered = match self.already_delivered(batch, &topics, ticket.alone()).await {
                 Ok(d) => d,
                 Err(e @ ScanError::Unreadable { .. }) => {
+                    ticket.halt();
                     let error = e.to_string();
                     return batch
                         .iter()
@@ -268,6 +349,7 @@ impl Sink for KafkaSink {
                         .collect();
                 }
                 Err(error) => {
+                    ticket.halt();
                     let error = format!("restart scan: {error}");
                     return batch
                         .iter()
@@ -307,10 +389,11 @@ impl Sink for KafkaSink {
                     });
                     if !entry.key.is_empty() {
                         refused.insert(entry.key.as_str());
+                        self.refused_before(entry);
                     }
                     continue;
                 }
-                if refused.contains(entry.key.as_str()) {
+                if refused.contains(entry.key.as_str()) || self.was_refused_before(entry) {
                     outcomes[i] = Some(Outcome::Held {
                         reason: "held back: an earlier entry of the same key was not sent".into(),
                     });
@@ -337,10 +420,13 @@ impl Sink for KafkaSink {
                         outcomes[i] = Some(self.classify(&e));
                         if !entry.key.is_empty() {
                             refused.insert(entry.key.as_str());
+                            self.refused_before(entry);
                         }
                     }
                 }
             }
+            // Every record is with the producer: the next call may send.
+            ticket.pass();
             // Every delivery future is awaited: a dropped one would hide its error.
             while let Some((j, d)) = inflight.pop_front() {
                 outcomes[j] = Some(self.await_delivery(topic_of(&topics, j), d).await);
@@ -419,6 +505,35 @@ impl KafkaSink {
                     ),
                 };
             }
+        }
+    }
+}
+
+impl KafkaSink {
+    /// Records that `entry` was refused before sending: the later entries
+    /// of its key, in later calls too, are held back until the relay
+    /// publishes it again.
+    fn refused_before(&self, entry: &OutboxEntry) {
+        let mut keys = self.refused_keys.lock();
+        let seq = keys.entry(entry.key.clone()).or_insert(entry.seq);
+        *seq = (*seq).min(entry.seq);
+    }
+
+    /// Whether an earlier entry of `entry`'s key (in an earlier call) was
+    /// refused before sending. The refused entry itself, published again,
+    /// is judged again (and its key forgotten until then).
+    fn was_refused_before(&self, entry: &OutboxEntry) -> bool {
+        if entry.key.is_empty() {
+            return false;
+        }
+        let mut keys = self.refused_keys.lock();
+        match keys.get(&entry.key) {
+            Some(&seq) if seq == entry.seq => {
+                keys.remove(&entry.key);
+                false
+            }
+            Some(&seq) => seq < entry.seq,
+            None => false,
         }
     }
 }

@@ -63,10 +63,16 @@ impl KafkaSink {
 
     /// Runs the restart scan if one is due and returns the seqs of `batch`
     /// already in Kafka, with their positions.
+    /// `alone`: no other publish was in flight when this one was made. Only
+    /// such a publish starts a due scan: one made behind others would start
+    /// it at its own first seq, above the entries the relay is about to
+    /// send again (from the first that failed), and they would never be
+    /// looked for.
     pub(super) async fn already_delivered(
         &self,
         batch: &[OutboxEntry],
         topics: &[Option<String>],
+        alone: bool,
     ) -> std::result::Result<HashMap<u64, String>, ScanError> {
         let Some(first) = batch.first() else {
             return Ok(HashMap::new());
@@ -79,7 +85,7 @@ impl KafkaSink {
         };
         let (from, mut to_scan) = {
             let mut r = self.recovery.lock();
-            if r.due {
+            if r.due && alone {
                 r.due = false;
                 r.from = first.seq;
                 r.until = first.seq.saturating_add(self.opts.restart_span);

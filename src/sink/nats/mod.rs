@@ -21,13 +21,17 @@
 //! # Order
 //!
 //! Publishes are pipelined (up to [`NatsOptions::window`] awaiting their
-//! ack), but at most one per event key at a time: the next entry of a key
-//! is sent only once the previous one is acknowledged. A connection lost
-//! in the middle of a batch can lose a publish while a later one, still in
-//! the client's buffer, goes through after the reconnect; one per key at a
-//! time means that later one is never of the same key, so per-key order
-//! holds on the stream. Entries with an empty key have no order to keep
-//! and are not held back.
+//! ack, over every batch in flight: the relay may have several), but at
+//! most one per event key at a time: the next entry of a key is sent only
+//! once the previous one, of this batch or an earlier one in flight, is
+//! acknowledged, and is held back (the relay sends it again later) if that
+//! one failed. A connection lost in the middle of a batch can lose a
+//! publish while a later one, still in the client's buffer, goes through
+//! after the reconnect; one per key at a time means that later one is never
+//! of the same key, so per-key order holds on the stream. Entries with an
+//! empty key have no order to keep and are not held back. A key with many
+//! entries in a row is therefore shipped at one broker round trip per
+//! entry; many keys go as fast as the window allows.
 //!
 //! # Failures
 //!
@@ -48,20 +52,21 @@
 //! it does not capture then find no stream and are retried (the relay
 //! holds, `sink_up` is 0) until the stream is fixed.
 
-use std::collections::{HashMap, HashSet};
+mod order;
+mod publish;
+
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectErrorKind, HeaderMap};
-use futures_util::{StreamExt, stream::FuturesOrdered};
 
 use super::cloudevents;
 use crate::OutboxEntry;
 use crate::error::{Error, Result};
 use crate::redact::{redact_url, scrub};
-use crate::relay::{BoxFuture, Outcome, Sink};
+use order::KeyOrder;
 
 /// How the CloudEvents attributes travel (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -228,10 +233,12 @@ impl NatsOptions {
         self
     }
 
-    /// Most publishes awaiting their ack at once. Default: 1000 (async-nats
-    /// itself allows 5000; every ack future is awaited, none dropped).
+    /// Most publishes awaiting their ack at once, over every batch in
+    /// flight, from 1 to 5000 (async-nats' own limit: a publish beyond it
+    /// would wait for an ack nobody awaits). Default: 1000. Every ack is
+    /// awaited, none dropped.
     pub fn window(mut self, window: usize) -> Self {
-        self.window = window.max(1);
+        self.window = window.clamp(1, MAX_WINDOW);
         self
     }
 
@@ -290,6 +297,9 @@ impl NatsOptions {
     }
 }
 
+/// The most acks async-nats lets a JetStream context await at once.
+const MAX_WINDOW: usize = 5000;
+
 /// Whether `s` is a valid NATS subject to publish on: non-empty tokens
 /// separated by `.`, no whitespace, no wildcards.
 fn valid_subject(s: &str) -> bool {
@@ -304,6 +314,10 @@ fn valid_subject(s: &str) -> bool {
 pub struct NatsSink {
     opts: NatsOptions,
     js: jetstream::Context,
+    /// Per-key order over every publish in flight.
+    order: KeyOrder,
+    /// Places for publishes awaiting their ack ([`NatsOptions::window`]).
+    window: Arc<tokio::sync::Semaphore>,
 }
 
 /// A sample subject the template renders, to check a stream against (a
@@ -371,7 +385,15 @@ impl NatsSink {
                 .await
                 .map_err(|m| broker(format!("stream: {m}")))?;
         }
-        Ok(NatsSink { opts, js })
+        let window = Arc::new(tokio::sync::Semaphore::new(
+            opts.window.clamp(1, MAX_WINDOW),
+        ));
+        Ok(NatsSink {
+            opts,
+            js,
+            order: KeyOrder::default(),
+            window,
+        })
     }
 
     /// Creates the stream, or checks the existing one against `setup`.
@@ -467,7 +489,7 @@ impl NatsSink {
         match self.opts.mode {
             ContentMode::Structured => {
                 h.insert("content-type", cloudevents::STRUCTURED_JSON);
-                let body = cloudevents::to_json(entry).to_string();
+                let body = cloudevents::to_json_string(entry);
                 (h, bytes::Bytes::from(body))
             }
             ContentMode::Binary => {
@@ -507,174 +529,6 @@ impl NatsOptions {
         }
         s.retain(|x| x.len() >= 3);
         s
-    }
-}
-
-/// What a failed publish says about the entry.
-fn classify(kind: PublishErrorKind, error: String, code: Option<u64>) -> Outcome {
-    const MESSAGE_EXCEEDS_MAXIMUM: u64 = 10054;
-    match kind {
-        PublishErrorKind::MaxPayloadExceeded => Outcome::Rejected {
-            error,
-            permanent: true,
-        },
-        PublishErrorKind::Other if code == Some(MESSAGE_EXCEEDS_MAXIMUM) => Outcome::Rejected {
-            error,
-            permanent: true,
-        },
-        // Timeouts, broken connections, no stream for the subject, a full
-        // stream (discard new), insufficient resources, any other JetStream
-        // error: nothing wrong with the entry; retry until it works.
-        _ => Outcome::Retry { error },
-    }
-}
-
-/// The JetStream API error code behind a publish error, if there is one.
-fn api_code(e: &async_nats::jetstream::context::PublishError) -> Option<u64> {
-    use std::error::Error as _;
-    e.source()
-        .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
-        .map(|e| e.error_code().0)
-}
-
-impl Sink for NatsSink {
-    fn name(&self) -> &str {
-        "nats"
-    }
-
-    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-            // Acks awaited together (each one's timeout runs from when it
-            // is first polled, so awaiting them one by one would add the
-            // timeouts of acks a lost connection took up), in send order.
-            let mut inflight: FuturesOrdered<BoxFuture<'_, (usize, Outcome)>> =
-                FuturesOrdered::new();
-            // Per key: the entry in flight, and whether the key has failed in
-            // this batch (its later entries then wait for the next round).
-            let mut busy: HashMap<&str, usize> = HashMap::new();
-            let mut failed: HashSet<&str> = HashSet::new();
-            // Records an acknowledgement (or its failure) of entry `j`.
-            let settle = |j: usize,
-                          outcome: Outcome,
-                          busy: &mut HashMap<&'a str, usize>,
-                          failed: &mut HashSet<&'a str>,
-                          outcomes: &mut Vec<Option<Outcome>>| {
-                let k = batch[j].key.as_str();
-                if busy.get(k) == Some(&j) {
-                    busy.remove(k);
-                }
-                if !k.is_empty() && !matches!(outcome, Outcome::Acked { .. }) {
-                    failed.insert(k);
-                }
-                outcomes[j] = Some(outcome);
-            };
-            for (i, entry) in batch.iter().enumerate() {
-                let key = entry.key.as_str();
-                // Refused before sending (judged first, so that a run of
-                // such entries settles in one round): the key's later
-                // entries wait too (the refusal may be held back by the
-                // storm guard).
-                let subject = self.opts.render(&entry.event_type, &entry.key);
-                let refusal = cloudevents::unsafe_for_headers(entry)
-                    .map(|why| format!("not published: {why}"))
-                    .or_else(|| {
-                        (!valid_subject(&subject))
-                            .then(|| format!("invalid NATS subject {subject:?}"))
-                    });
-                if let Some(error) = refusal {
-                    outcomes[i] = Some(Outcome::Rejected {
-                        error,
-                        permanent: true,
-                    });
-                    if !key.is_empty() {
-                        failed.insert(key);
-                    }
-                    continue;
-                }
-                if failed.contains(key) {
-                    outcomes[i] = Some(Outcome::Held {
-                        reason: "held back: an earlier entry of the same key is not delivered yet"
-                            .into(),
-                    });
-                    continue;
-                }
-                // One publish per key in flight: wait (in order) until this
-                // key's previous one is acknowledged.
-                if !key.is_empty() && busy.contains_key(key) {
-                    while let Some((j, outcome)) = inflight.next().await {
-                        settle(j, outcome, &mut busy, &mut failed, &mut outcomes);
-                        if !busy.contains_key(key) {
-                            break;
-                        }
-                    }
-                    if failed.contains(key) {
-                        outcomes[i] = Some(Outcome::Held {
-                            reason: "held back: an earlier entry of the same key failed".into(),
-                        });
-                        continue;
-                    }
-                }
-                if inflight.len() >= self.opts.window
-                    && let Some((j, outcome)) = inflight.next().await
-                {
-                    settle(j, outcome, &mut busy, &mut failed, &mut outcomes);
-                    if failed.contains(key) {
-                        outcomes[i] = Some(Outcome::Held {
-                            reason: "held back: an earlier entry of the same key failed".into(),
-                        });
-                        continue;
-                    }
-                }
-                let id = entry.id.to_string();
-                let (headers, payload) = self.message(entry, &id);
-                match self
-                    .js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                {
-                    Ok(ack) => {
-                        if !key.is_empty() {
-                            busy.insert(key, i);
-                        }
-                        inflight.push_back(Box::pin(async move { (i, await_ack(ack).await) }));
-                    }
-                    Err(e) => {
-                        let code = api_code(&e);
-                        let outcome = classify(e.kind(), e.to_string(), code);
-                        if !key.is_empty() {
-                            failed.insert(key);
-                        }
-                        outcomes[i] = Some(outcome);
-                    }
-                }
-            }
-            // Every ack future is awaited: a dropped one would hide its error.
-            while let Some((j, outcome)) = inflight.next().await {
-                outcomes[j] = Some(outcome);
-            }
-            outcomes
-                .into_iter()
-                .map(|o| {
-                    o.unwrap_or(Outcome::Retry {
-                        error: "no outcome recorded".into(),
-                    })
-                })
-                .collect()
-        })
-    }
-}
-
-async fn await_ack(ack: PublishAckFuture) -> Outcome {
-    match ack.await {
-        Ok(a) => Outcome::Acked {
-            position: Some(format!("{}:{}", a.stream, a.sequence)),
-            duplicate: a.duplicate,
-        },
-        Err(e) => {
-            let code = api_code(&e);
-            classify(e.kind(), e.to_string(), code)
-        }
     }
 }
 
