@@ -239,6 +239,79 @@ async fn ten_thousand_events_from_four_threads_arrive_once_in_key_order() -> Tes
     Ok(())
 }
 
+/// An entry refused before sending (its type is no valid topic) and held by
+/// the dead-letter storm guard (limit 1, the second refusal in a row) must
+/// not be overtaken by its key's later entries, in its batch or in the
+/// batches in flight behind it (batches of 10, several in flight); the
+/// other keys' entries in those batches are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_entry_held_back_holds_its_key_in_the_batches_behind_it() -> TestResult {
+    let broker = KafkaBroker::start(&[])?;
+    create_topic(&broker.bootstrap, "orders.changed", 4, &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let store = Store::options()
+        .durability(Durability::Buffered)
+        .open(dir.path())?;
+    store.write(|tx| {
+        tx.emit(Event::bytes("bad:type", "k", b"first".to_vec()))?;
+        tx.emit(Event::bytes("bad:type", "k", b"second".to_vec()))
+    })?;
+    for i in 0..400u64 {
+        let key = if i % 4 == 0 {
+            "k".to_string()
+        } else {
+            format!("other-{}", i % 7)
+        };
+        store.write(|tx| tx.emit(Event::bytes("orders.changed", key.as_str(), vec![1u8; 10])))?;
+    }
+    let relay = Relay::builder(&store)
+        .sink(KafkaSink::connect(options(&broker)).await?)
+        .batch_size(10)
+        .dead_letter_storm_limit(1)
+        .backoff(outboxkv::relay::Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+            factor: 2.0,
+            jitter: 0.0,
+        })
+        .start()?;
+    // The relay never settles past the held entry, so it ships what it
+    // had read behind it (the batches in flight with the first) and then
+    // sends the held one again and again: wait until the count stands.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = (0, Instant::now());
+    loop {
+        let acked = relay.metrics().acked.get();
+        if acked != seen.0 {
+            seen = (acked, Instant::now());
+        } else if acked > 0 && seen.1.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "acked {acked}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(relay.metrics().dead_letter_storm.get(), 1);
+    assert_eq!(relay.delivered(), 1, "held at seq 2");
+    let acked = relay.metrics().acked.get() as usize;
+    relay.shutdown(Shutdown::Now).await?;
+    let records = read_topic(&broker, "orders.changed", acked)?;
+    assert_eq!(records.len(), acked);
+    let overtaking: Vec<u64> = records
+        .iter()
+        .filter(|r| r.key == "k")
+        .map(Record::seq)
+        .collect();
+    assert!(
+        overtaking.is_empty(),
+        "entries of key k overtook the held seq 2: {overtaking:?}"
+    );
+    assert!(
+        records.iter().any(|r| r.seq() > 11),
+        "nothing behind the first batch was shipped: no batches were in flight behind it"
+    );
+    Ok(())
+}
+
 /// A relay publishes the first 150 of 300 entries, then dies before it
 /// records its cursor. With the restart scan (the default) the next relay
 /// skips what is already in Kafka: a consumer sees every event once. Without
