@@ -154,6 +154,10 @@ async fn main() -> BenchResult {
     let client = async_nats::connect(server.url.as_str()).await?;
     let js = jetstream::new(client);
 
+    // `cargo bench --bench relay_nats -- latency`: the latency rows only.
+    if args.iter().any(|a| a == "latency") {
+        return latency_rows(&js, &server.url, quick).await;
+    }
     println!("| run | events | seconds | events/s | vs raw |");
     println!("|---|---:|---:|---:|---:|");
     reset_stream(&js).await?;
@@ -293,9 +297,15 @@ async fn main() -> BenchResult {
             rate / raw_rate
         );
     }
-    reset_stream(&js).await?;
+    latency_rows(&js, &server.url, quick).await
+}
+
+/// Commit-to-ack latency at 5,000 events/s: in-process, then through a
+/// sidecar source.
+async fn latency_rows(js: &jetstream::Context, url: &str, quick: bool) -> BenchResult {
+    reset_stream(js).await?;
     let secs = if quick { 1 } else { 5 };
-    let sink = NatsSink::connect(options(&server.url)).await?;
+    let sink = NatsSink::connect(options(url)).await?;
     let (count, p50, p99, max) =
         sinks::latency_run(sink, "orders.changed", PAYLOAD, 5_000, secs).await?;
     println!();
@@ -303,8 +313,8 @@ async fn main() -> BenchResult {
         "commit-to-ack at 5,000 events/s for {secs} s (Sync commits): {count} events, p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
     );
     for catch_up_ms in [20u64, 5] {
-        reset_stream(&js).await?;
-        let sink = NatsSink::connect(options(&server.url)).await?;
+        reset_stream(js).await?;
+        let sink = NatsSink::connect(options(url)).await?;
         let (count, p50, p99, max) = sinks::latency_run_with(
             sink,
             "orders.changed",

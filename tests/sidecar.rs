@@ -3,11 +3,16 @@
 
 mod common;
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use outboxkv::relay::OutboxSource;
-use outboxkv::relay::SidecarSource;
-use outboxkv::{Durability, OutboxEntry, Store};
+use outboxkv::relay::{
+    BoxFuture, OutboxSource, Outcome, Relay, Shutdown, SidecarSource, Sink, read_sidecar_cursor,
+    sidecar_cursor_path,
+};
+use outboxkv::{Durability, Error, OutboxEntry, Store};
+use parking_lot::Mutex;
 
 use common::TestResult;
 
@@ -83,5 +88,124 @@ fn sync_wal_runs_while_the_owner_writes_and_flushes() -> TestResult {
     reader.sync_wal()?;
     assert_eq!(reader.head()?, 3 + 20 * 20);
     assert!(logs.len() >= 2, "the owner rolled its log over: {logs:?}");
+    Ok(())
+}
+
+/// Records the seq of every entry it is given, and acknowledges it.
+struct Collect(Arc<Mutex<Vec<u64>>>);
+
+impl Sink for Collect {
+    fn name(&self) -> &str {
+        "collect"
+    }
+    fn publish<'a>(&'a self, batch: &'a [OutboxEntry]) -> BoxFuture<'a, Vec<Outcome>> {
+        self.0.lock().extend(batch.iter().map(|e| e.seq));
+        Box::pin(async move { batch.iter().map(|_| Outcome::acked()).collect() })
+    }
+}
+
+async fn cursor_reaches(path: &Path, seq: u64) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if read_sidecar_cursor(path)?.map(|c| c.delivered_through) == Some(seq) {
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cursor file never said {seq}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The sidecar writes its cursor file off the relay loop. A write that
+/// fails stops the relay with an error naming the file (reported by the
+/// next settle, or by the stop), and loses nothing: the store prunes only
+/// what the file names, and the next sidecar ships everything after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_file_that_cannot_be_written_stops_the_relay_and_loses_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = Store::options().relay_cursor_poll(None).open(&path)?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    common::emit_each(&store, 0..10)?;
+    let relay = Relay::builder_for(SidecarSource::open(&path, Duration::from_millis(5))?)
+        .sink(Collect(seen.clone()))
+        .start()?;
+    relay.wait_delivered(10, Duration::from_secs(30)).await?;
+    cursor_reaches(&path, 10).await?;
+
+    // A folder where the cursor's temporary file goes: writes fail.
+    let mut tmp = sidecar_cursor_path(&path).into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::create_dir(&tmp)?;
+    common::emit_each(&store, 10..20)?;
+    // The next cursor write fails on the writer's thread; a later settle
+    // says so.
+    let mut n = 20u8;
+    while tokio::time::timeout(Duration::from_millis(100), relay.stopped())
+        .await
+        .is_err()
+    {
+        assert!(n < 200, "the relay never reported the failed write");
+        common::emit_each(&store, n..n + 1)?;
+        n += 1;
+    }
+    assert!(
+        relay.delivered() < u64::from(n),
+        "the failed settle is not counted"
+    );
+    match relay.shutdown(Shutdown::Now).await {
+        Err(Error::Io { path, .. }) => assert_eq!(path, tmp),
+        other => panic!("expected the cursor write's error, got {other:?}"),
+    }
+    assert_eq!(
+        read_sidecar_cursor(&path)?.map(|c| c.delivered_through),
+        Some(10),
+        "the file keeps the last cursor written"
+    );
+    store.outbox().apply_relay_cursor()?;
+    assert_eq!(store.outbox().tail(), 11, "pruned only what the file names");
+
+    // The same failure when it is the last settle: the stop reports it.
+    std::fs::remove_dir(&tmp)?;
+    let relay = Relay::builder_for(SidecarSource::open(&path, Duration::from_millis(5))?)
+        .sink(Collect(seen.clone()))
+        .start()?;
+    let all = u64::from(n);
+    relay.wait_delivered(all, Duration::from_secs(30)).await?;
+    cursor_reaches(&path, all).await?;
+    std::fs::create_dir(&tmp)?;
+    common::emit_each(&store, n..n + 1)?;
+    relay
+        .wait_delivered(all + 1, Duration::from_secs(30))
+        .await?;
+    assert!(
+        matches!(relay.shutdown(Shutdown::Now).await, Err(Error::Io { .. })),
+        "the stop reports the last cursor's failed write"
+    );
+    assert_eq!(
+        read_sidecar_cursor(&path)?.map(|c| c.delivered_through),
+        Some(all)
+    );
+
+    std::fs::remove_dir(&tmp)?;
+    let relay = Relay::builder_for(SidecarSource::open(&path, Duration::from_millis(5))?)
+        .sink(Collect(seen.clone()))
+        .start()?;
+    relay
+        .wait_delivered(all + 1, Duration::from_secs(30))
+        .await?;
+    relay.shutdown(Shutdown::Now).await?;
+    assert_eq!(
+        read_sidecar_cursor(&path)?.map(|c| c.delivered_through),
+        Some(all + 1),
+        "written before the stop returned"
+    );
+    let seen = seen.lock().clone();
+    for seq in 1..=all + 1 {
+        assert!(seen.contains(&seq), "{seq} was never shipped: {seen:?}");
+    }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The sidecar wakes on the owner's log writes (Linux, inotify). Its own
-//! test binary: it counts the process's watch threads, which other tests'
-//! sidecars would add to.
+//! test binary: it counts the process's watch and cursor-writer threads,
+//! which other tests' sidecars would add to.
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -33,15 +33,22 @@ async fn the_sidecar_wakes_on_the_owners_writes_not_only_on_its_timer() -> TestR
             .map_err(|_| format!("round {round}: no wake-up within 10 s"))??;
         assert_eq!(source.head()?, head + 1);
     }
-    assert_eq!(watch_threads()?, 1);
+    assert_eq!(threads_named(WATCH)?, 1);
+    assert_eq!(threads_named(CURSOR)?, 1);
     // Close the owner first: nothing writes to the folder any more, so only
     // the sidecar's own shutdown can end its watching thread.
     drop(store);
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(source);
-    // Its watching thread ends with it.
+    // Its cursor writer is joined by the drop ...
+    assert_eq!(
+        threads_named(CURSOR)?,
+        0,
+        "the cursor writer outlived its sidecar"
+    );
+    // ... and its watching thread ends with it.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while watch_threads()? > 0 {
+    while threads_named(WATCH)? > 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the watch thread outlived its sidecar"
@@ -54,13 +61,17 @@ async fn the_sidecar_wakes_on_the_owners_writes_not_only_on_its_timer() -> TestR
     Ok(())
 }
 
-/// Threads of this process named like the sidecar's log watcher (Linux
+/// The sidecar's log watcher and cursor writer threads, by name (Linux
 /// truncates thread names to 15 bytes).
-fn watch_threads() -> std::io::Result<usize> {
+const WATCH: &str = "outboxkv-sideca";
+const CURSOR: &str = "outboxkv-cfile";
+
+/// Threads of this process named `name`.
+fn threads_named(name: &str) -> std::io::Result<usize> {
     let mut n = 0;
     for task in std::fs::read_dir("/proc/self/task")? {
         let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == "outboxkv-sideca" {
+        if comm.trim_end() == name {
             n += 1;
         }
     }

@@ -134,8 +134,16 @@ pub trait OutboxSource: Send + Sync + 'static {
     fn head(&self) -> Result<u64>;
     /// Up to `max_entries` entries (about `max_bytes`) from `from` on.
     fn read(&self, from: u64, max_entries: usize, max_bytes: usize) -> Result<Vec<OutboxEntry>>;
-    /// Records that everything through `through` is settled.
+    /// Records that everything through `through` is settled. A source may
+    /// record it later than it returns (a sidecar writes its cursor file
+    /// on a thread of its own): then an error of that recording comes with
+    /// a later `settle` or with [`flush`](Self::flush).
     fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()>;
+    /// Waits until every `settle` so far is recorded; called once when the
+    /// relay stops (however it stops). Default: nothing to wait for.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
     /// Resolves when the head may have moved beyond `head`.
     fn changed(&self, head: u64) -> BoxFuture<'static, ()>;
 }
@@ -160,6 +168,9 @@ impl<T: OutboxSource + ?Sized> OutboxSource for Arc<T> {
     }
     fn settle(&self, through: u64, dead: &[DeadLetter]) -> Result<()> {
         (**self).settle(through, dead)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
     }
     fn changed(&self, head: u64) -> BoxFuture<'static, ()> {
         (**self).changed(head)
@@ -416,7 +427,22 @@ impl RelayBuilder {
         };
         let task = async move {
             let metrics = worker.metrics.clone();
+            let source = worker.source.clone();
             let result = worker.run(stop_rx).await;
+            // What the worker settled is recorded before the relay says it
+            // stopped (a sidecar writes its cursor off the loop).
+            let flushed = source.flush();
+            // The source (and the relay lock it may hold) is released
+            // before the relay says it stopped.
+            drop(source);
+            let result = match (result, flushed) {
+                (result, Ok(())) => result,
+                (Ok(()), Err(e)) => Err(e),
+                (Err(e), Err(flush)) => {
+                    tracing::warn!(error = %flush, "outboxkv relay could not record its last settle");
+                    Err(e)
+                }
+            };
             // However the worker ended, nothing is being published now.
             metrics.publish_ended();
             if let Err(e) = &result {
@@ -805,10 +831,7 @@ impl Worker {
                             next = last.seq + 1;
                             entry_bytes = round.bytes / round.entries.max(1);
                             if launched.is_empty() {
-                                let age = now_micros().saturating_sub(round.oldest_micros);
-                                self.metrics
-                                    .oldest_undelivered_age_seconds
-                                    .set(age as f64 / 1e6);
+                                self.show_age(round.oldest_micros);
                                 self.metrics.publish_started();
                             }
                             inflight_entries += round.entries;
@@ -881,10 +904,7 @@ impl Worker {
                         // the next round's first entry is the oldest.
                         // While a round is blocked the gauge keeps its
                         // stuck entry's age.
-                        let age = now_micros().saturating_sub(o.oldest_micros);
-                        self.metrics
-                            .oldest_undelivered_age_seconds
-                            .set(age as f64 / 1e6);
+                        self.show_age(o.oldest_micros);
                     }
                 }
                 None => self.metrics.publish_ended(),
@@ -922,10 +942,7 @@ impl Worker {
                 // The gauge shows the entry that is stuck, not the next
                 // round's.
                 if let Some(stuck) = round.batch.iter().find(|e| e.seq > settled.through) {
-                    let age = now_micros().saturating_sub(stuck.created_at_micros);
-                    self.metrics
-                        .oldest_undelivered_age_seconds
-                        .set(age as f64 / 1e6);
+                    self.show_age(stuck.created_at_micros);
                 }
                 blocked = Some(settled);
             } else {
@@ -933,6 +950,15 @@ impl Worker {
                 failed_rounds = 0;
             }
         }
+    }
+
+    /// Sets the `oldest_undelivered_age_seconds` gauge from the commit time
+    /// of the oldest entry not settled.
+    fn show_age(&self, created_micros: u64) {
+        let age = now_micros().saturating_sub(created_micros);
+        self.metrics
+            .oldest_undelivered_age_seconds
+            .set(age as f64 / 1e6);
     }
 
     /// Waits for the batch at `tail` to fill (in entries), up to the
@@ -1034,12 +1060,7 @@ impl Worker {
                 outcomes.len(),
                 batch.len()
             );
-            outcomes = batch
-                .iter()
-                .map(|_| Outcome::Retry {
-                    error: error.clone(),
-                })
-                .collect();
+            outcomes = vec![Outcome::Retry { error }; batch.len()];
         }
         let mut storm = false;
         for (entry, outcome) in batch.iter().zip(outcomes) {
@@ -1163,12 +1184,7 @@ fn merge_outcomes(
             sent.len(),
             to_send.len()
         );
-        return batch
-            .iter()
-            .map(|_| Outcome::Retry {
-                error: error.clone(),
-            })
-            .collect();
+        return vec![Outcome::Retry { error }; batch.len()];
     }
     let mut sent = sent.into_iter();
     let mut next_sent = to_send.iter();

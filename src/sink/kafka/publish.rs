@@ -315,12 +315,8 @@ impl Sink for KafkaSink {
                 // wait behind refused entries: let the relay drain, so the
                 // next publish is made alone and forgets them.)
                 ticket.halt();
-                return batch
-                    .iter()
-                    .map(|_| Outcome::Held {
-                        reason: "held back: an earlier batch in flight failed".into(),
-                    })
-                    .collect();
+                let reason = "held back: an earlier batch in flight failed".into();
+                return vec![Outcome::Held { reason }; batch.len()];
             }
             let topics: Vec<Option<String>> = batch
                 .iter()
@@ -328,35 +324,25 @@ impl Sink for KafkaSink {
                 .collect();
             if !self.learn_limits(&topics, &ticket).await {
                 ticket.halt();
-                return batch
-                    .iter()
-                    .map(|_| Outcome::Held {
-                        reason: "held back: the producer failed under an earlier batch in flight"
-                            .into(),
-                    })
-                    .collect();
+                let reason = "held back: the producer failed under an earlier batch in flight";
+                return vec![
+                    Outcome::Held {
+                        reason: reason.into()
+                    };
+                    batch.len()
+                ];
             }
             let delivered = match self.already_delivered(batch, &topics, ticket.alone()).await {
                 Ok(d) => d,
                 Err(e @ ScanError::Unreadable { .. }) => {
                     ticket.halt();
                     let error = e.to_string();
-                    return batch
-                        .iter()
-                        .map(|_| Outcome::Fatal {
-                            error: error.clone(),
-                        })
-                        .collect();
+                    return vec![Outcome::Fatal { error }; batch.len()];
                 }
                 Err(error) => {
                     ticket.halt();
                     let error = format!("restart scan: {error}");
-                    return batch
-                        .iter()
-                        .map(|_| Outcome::Retry {
-                            error: error.clone(),
-                        })
-                        .collect();
+                    return vec![Outcome::Retry { error }; batch.len()];
                 }
             };
             let producer = self.producer.lock().clone();

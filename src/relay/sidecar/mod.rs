@@ -14,10 +14,14 @@ use tokio::sync::Notify;
 use super::{BoxFuture, OutboxSource};
 use crate::error::{Error, Result};
 use crate::outbox::cursor::MAX_DEAD;
-use crate::store::engine::file::{
-    DB_DIR, RELAY_DIR, check_store, cursor_path, read_cursor, write_file_atomic,
-};
+use crate::store::engine::file::{DB_DIR, RELAY_DIR, check_store, cursor_path, read_cursor};
 use crate::{CursorDead, DeadLetter, OutboxEntry, RelayCursor, StoreReader};
+
+mod cursor;
+mod watch;
+
+use cursor::CursorWriter;
+use watch::LogWatch;
 
 /// Where the sidecar relay of the store at `store` keeps its cursor
 /// (`<store>/relay/cursor`, in the format of [`RelayCursor`]).
@@ -69,7 +73,8 @@ pub struct SidecarSource {
     reader: Arc<StoreReader>,
     /// Last seq read before a successful [`StoreReader::sync_wal`].
     durable: Arc<AtomicU64>,
-    cursor_file: PathBuf,
+    /// Writes `state` into the cursor file, off the relay loop.
+    cursor: CursorWriter,
     state: Mutex<RelayCursor>,
     interval: Duration,
     /// Signalled when the owner writes to its database folder.
@@ -199,7 +204,7 @@ impl SidecarSource {
         Ok(SidecarSource {
             reader: Arc::new(reader),
             durable,
-            cursor_file,
+            cursor: CursorWriter::start(cursor_file)?,
             state: Mutex::new(state),
             interval: catch_up_interval,
             wake,
@@ -297,9 +302,16 @@ impl OutboxSource for SidecarSource {
                 next.dead.len()
             )));
         }
-        write_file_atomic(&self.cursor_file, &next.encode())?;
+        // Written on the writer's thread; a write that failed is reported
+        // by the next settle (or the flush when the relay stops).
+        self.cursor.submit(next.encode())?;
         *state = next;
         Ok(())
+    }
+
+    /// Waits until the cursor file holds the last settle.
+    fn flush(&self) -> Result<()> {
+        self.cursor.flush()
     }
 
     fn changed(&self, head: u64) -> BoxFuture<'static, ()> {
@@ -362,99 +374,3 @@ const FAILED_CATCH_UP_PAUSE: Duration = Duration::from_millis(100);
 
 /// Shortest wait between a wake-up and the catch-up it triggers.
 const WAKE_GAP: Duration = Duration::from_millis(1);
-
-/// Signals a [`Notify`] when the owner writes to its database folder: an
-/// inotify watch read by a thread (Linux). Elsewhere, or when inotify cannot
-/// be set up (logged), it does nothing and the sidecar only polls.
-struct LogWatch {
-    #[cfg(target_os = "linux")]
-    stop: Option<linux::Stop>,
-}
-
-impl LogWatch {
-    #[cfg(target_os = "linux")]
-    fn start(db_dir: &Path, wake: Arc<Notify>) -> LogWatch {
-        match linux::watch(db_dir, wake) {
-            Ok(stop) => LogWatch { stop: Some(stop) },
-            Err(e) => {
-                tracing::warn!(error = %e, dir = %db_dir.display(),
-                    "cannot watch the store's log; the sidecar polls only");
-                LogWatch { stop: None }
-            }
-        }
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn start(_db_dir: &Path, _wake: Arc<Notify>) -> LogWatch {
-        LogWatch {}
-    }
-}
-
-#[cfg(target_os = "linux")]
-impl Drop for LogWatch {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.stop();
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-mod linux {
-    use std::path::Path;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
-    use tokio::sync::Notify;
-
-    /// Ends the watching thread.
-    pub(super) struct Stop {
-        flag: Arc<AtomicBool>,
-        watches: Watches,
-        wd: WatchDescriptor,
-    }
-
-    impl Stop {
-        pub(super) fn stop(mut self) {
-            self.flag.store(true, Ordering::Release);
-            // Removing the watch queues an IN_IGNORED event, which ends the
-            // thread's blocking read. An error means the watch is gone
-            // already (the folder was removed) and the thread has ended.
-            let _ = self.watches.remove(self.wd);
-        }
-    }
-
-    pub(super) fn watch(dir: &Path, wake: Arc<Notify>) -> std::io::Result<Stop> {
-        let mut inotify = Inotify::init()?;
-        let mut watches = inotify.watches();
-        let wd = watches.add(
-            dir,
-            WatchMask::MODIFY | WatchMask::CREATE | WatchMask::MOVED_TO,
-        )?;
-        let flag = Arc::new(AtomicBool::new(false));
-        let stopped = flag.clone();
-        std::thread::Builder::new()
-            .name("outboxkv-sidecar-watch".into())
-            .spawn(move || {
-                let mut buf = [0u8; 4096];
-                loop {
-                    let ended = match inotify.read_events_blocking(&mut buf) {
-                        Ok(events) => events
-                            .into_iter()
-                            .any(|e| e.mask.contains(EventMask::IGNORED)),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => false,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "sidecar log watch failed; polling only");
-                            true
-                        }
-                    };
-                    if ended || stopped.load(Ordering::Acquire) {
-                        return;
-                    }
-                    wake.notify_one();
-                }
-            })?;
-        Ok(Stop { flag, watches, wd })
-    }
-}
