@@ -156,6 +156,9 @@ async fn a_cursor_file_that_cannot_be_written_stops_the_relay_and_loses_nothing(
         relay.delivered() < u64::from(n),
         "the failed settle is not counted"
     );
+    // Once `stopped` answers, the relay lock is free: another sidecar
+    // opens (and closes again) while the stopped relay's handle lives.
+    drop(SidecarSource::open(&path, Duration::from_millis(5))?);
     match relay.shutdown(Shutdown::Now).await {
         Err(Error::Io { path, .. }) => assert_eq!(path, tmp),
         other => panic!("expected the cursor write's error, got {other:?}"),
@@ -170,12 +173,21 @@ async fn a_cursor_file_that_cannot_be_written_stops_the_relay_and_loses_nothing(
 
     // The same failure when it is the last settle: the stop reports it.
     std::fs::remove_dir(&tmp)?;
+    let second = Arc::new(Mutex::new(Vec::new()));
     let relay = Relay::builder_for(SidecarSource::open(&path, Duration::from_millis(5))?)
-        .sink(Collect(seen.clone()))
+        .sink(Collect(second.clone()))
         .start()?;
     let all = u64::from(n);
     relay.wait_delivered(all, Duration::from_secs(30)).await?;
     cursor_reaches(&path, all).await?;
+    let shipped = second.lock().clone();
+    for seq in 11..=all {
+        assert!(
+            shipped.contains(&seq),
+            "{seq} is after the file's cursor and was not shipped again: {shipped:?}"
+        );
+    }
+    assert!(!shipped.contains(&10), "10 is in the file's cursor");
     std::fs::create_dir(&tmp)?;
     common::emit_each(&store, n..n + 1)?;
     relay
@@ -198,12 +210,17 @@ async fn a_cursor_file_that_cannot_be_written_stops_the_relay_and_loses_nothing(
         .wait_delivered(all + 1, Duration::from_secs(30))
         .await?;
     relay.shutdown(Shutdown::Now).await?;
+    assert!(
+        seen.lock().contains(&(all + 1)),
+        "shipped again after the failed stop"
+    );
     assert_eq!(
         read_sidecar_cursor(&path)?.map(|c| c.delivered_through),
         Some(all + 1),
         "written before the stop returned"
     );
-    let seen = seen.lock().clone();
+    let mut seen = seen.lock().clone();
+    seen.extend(second.lock().iter());
     for seq in 1..=all + 1 {
         assert!(seen.contains(&seq), "{seq} was never shipped: {seen:?}");
     }

@@ -99,9 +99,11 @@ pub(crate) fn take_relay_lock(store: &std::path::Path) -> Result<std::fs::File> 
 ///   returns them from `from` in seq order, contiguous, committed only,
 ///   and on disk when it returns (so a power loss cannot take back the
 ///   state of an event the relay then ships).
-/// - `settle(through, dead)` records durably that every seq up to `through`
-///   is delivered, except `dead`, which were dead-lettered; afterwards
-///   `tail()` is above `through`.
+/// - `settle(through, dead)` records that every seq up to `through` is
+///   delivered, except `dead`, which were dead-lettered; afterwards
+///   `tail()` is above `through`. The record may reach its storage after
+///   `settle` returns (a sidecar's cursor file); `flush` waits for it, and
+///   what is stored never runs ahead of what was settled.
 /// - `changed(head)` resolves once `head()` may have moved past `head` (a
 ///   spurious wake-up is allowed; the relay looks again).
 ///
@@ -427,14 +429,15 @@ impl RelayBuilder {
         };
         let task = async move {
             let metrics = worker.metrics.clone();
-            let source = worker.source.clone();
             let result = worker.run(stop_rx).await;
-            // What the worker settled is recorded before the relay says it
-            // stopped (a sidecar writes its cursor off the loop).
-            let flushed = source.flush();
-            // The source (and the relay lock it may hold) is released
-            // before the relay says it stopped.
-            drop(source);
+            // What the worker settled is recorded (a sidecar writes its
+            // cursor off the loop) before the relay says it stopped:
+            // `stopped`, `wait_delivered` and `shutdown` answer once the
+            // worker, and with it `delivered`, is dropped below.
+            let flushed = worker.source.flush();
+            // Fields drop in order: the source (and the sidecar's relay
+            // lock, unless the caller kept a handle), then `delivered`.
+            drop(worker);
             let result = match (result, flushed) {
                 (result, Ok(())) => result,
                 (Ok(()), Err(e)) => Err(e),
@@ -678,7 +681,7 @@ struct Memory {
 }
 
 impl Worker {
-    async fn run(self, mut stop: watch::Receiver<Mode>) -> Result<()> {
+    async fn run(&self, mut stop: watch::Receiver<Mode>) -> Result<()> {
         let outbox = self.source.clone();
         let mut memory = Memory {
             dead_in_a_row: self.dead_in_a_row,

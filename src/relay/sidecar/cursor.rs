@@ -7,16 +7,22 @@
 //! thread; cursors handed over while a write runs are replaced by the
 //! newest (only the last one matters: each contains everything before it).
 //!
+//! A write that fails is tried again (after 10 ms, doubling up to 1 s)
+//! until it or a newer cursor's write succeeds; while writes fail, the next
+//! settle and the relay's stop (`flush`) report the error.
+//!
 //! What this changes for a crash: the file may lag the relay's settles by
-//! one write more than before. The store prunes only what the file names,
+//! up to two writes' worth (the one running and the one waiting) more than
+//! before. The store prunes only what the file names,
 //! so nothing is lost; a sidecar started after a crash publishes again from
 //! the file's cursor, and the broker's de-duplication (NATS message ids,
 //! the Kafka sink's restart scan) absorbs the repeats, as it does for
 //! acknowledgements the file had not recorded yet.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -24,8 +30,9 @@ use crate::error::{Error, Result};
 use crate::store::engine::file::write_file_atomic;
 
 /// Writes cursors handed to it into one file on a thread of its own, newest
-/// last; a failed write is reported by the next [`submit`](Self::submit)
-/// or [`flush`](Self::flush). Dropping it writes what is pending first.
+/// last; while writes fail, [`submit`](Self::submit) and
+/// [`flush`](Self::flush) report it. Dropping it tries what is pending
+/// once more, then ends the thread.
 pub(super) struct CursorWriter {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -43,8 +50,13 @@ struct Slot {
     pending: Option<Vec<u8>>,
     /// A write is running.
     writing: bool,
-    /// The first write that failed, until it is reported.
+    /// The last write failed (and no write succeeded since): its error,
+    /// until it is reported.
     failed: Option<Error>,
+    /// The last write failed: `pending` holds its cursor (or a newer one).
+    failing: bool,
+    /// The writer thread ended (it panicked): nothing is written any more.
+    dead: bool,
     stop: bool,
 }
 
@@ -69,53 +81,106 @@ impl CursorWriter {
     }
 
     /// Hands `cursor` (encoded) over to be written, replacing one not
-    /// written yet. Fails, without handing it over, with the error of an
-    /// earlier write that failed (reported once).
+    /// written yet. Fails, without handing it over, with the error of the
+    /// last write while writes fail (each error is reported once).
     pub(super) fn submit(&self, cursor: Vec<u8>) -> Result<()> {
         let mut slot = self.shared.slot.lock();
         if let Some(error) = slot.failed.take() {
             return Err(error);
+        }
+        if slot.dead {
+            return Err(writer_ended());
         }
         slot.pending = Some(cursor);
         self.shared.changed.notify_all();
         Ok(())
     }
 
-    /// Waits until every cursor handed over is written; the error of a
-    /// write that failed (reported once).
+    /// Waits until every cursor handed over is written, or the write
+    /// fails (its error; while writes keep failing, the next flush waits
+    /// for the next attempt).
     pub(super) fn flush(&self) -> Result<()> {
         let mut slot = self.shared.slot.lock();
-        while slot.pending.is_some() || slot.writing {
+        while (slot.pending.is_some() || slot.writing) && slot.failed.is_none() && !slot.dead {
             self.shared.changed.wait(&mut slot);
         }
-        slot.failed.take().map_or(Ok(()), Err)
+        if let Some(error) = slot.failed.take() {
+            return Err(error);
+        }
+        if slot.dead && slot.pending.is_some() {
+            return Err(writer_ended());
+        }
+        Ok(())
     }
 }
 
+/// The first wait before a failed write is tried again, and the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+fn writer_ended() -> Error {
+    Error::RelayStopped("the sidecar's cursor writer thread ended (it panicked)".into())
+}
+
 impl Shared {
-    fn run(&self, file: &std::path::Path) {
+    fn run(&self, file: &Path) {
+        // A panic (not expected: the write returns errors) must not leave
+        // `flush` waiting for a thread that is gone.
+        let ended = EndGuard(self);
         let mut slot = self.slot.lock();
+        let mut retry = RETRY_FIRST;
         loop {
             if let Some(cursor) = slot.pending.take() {
+                let last_try = slot.stop;
                 slot.writing = true;
                 drop(slot);
                 let written = write_file_atomic(file, &cursor);
                 slot = self.slot.lock();
                 slot.writing = false;
-                if let Err(error) = written {
-                    tracing::warn!(%error, "sidecar could not write its cursor file");
-                    // The first failure is the one reported; a later
-                    // cursor is still written (and may succeed).
-                    slot.failed.get_or_insert(error);
+                match written {
+                    Ok(()) => {
+                        // This cursor holds everything before it.
+                        slot.failed = None;
+                        slot.failing = false;
+                        retry = RETRY_FIRST;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?retry,
+                            "sidecar could not write its cursor file");
+                        slot.failed = Some(error);
+                        slot.failing = true;
+                        if !last_try {
+                            // Tried again, unless a newer cursor came.
+                            slot.pending.get_or_insert(cursor);
+                            self.changed.notify_all();
+                            let _ = self.changed.wait_for(&mut slot, retry);
+                            retry = (retry * 2).min(RETRY_MAX);
+                            continue;
+                        }
+                    }
                 }
                 self.changed.notify_all();
                 continue;
             }
             if slot.stop {
+                drop(slot);
+                std::mem::forget(ended);
                 return;
             }
             self.changed.wait(&mut slot);
         }
+    }
+}
+
+/// Marks the writer dead if its thread unwinds.
+struct EndGuard<'a>(&'a Shared);
+
+impl Drop for EndGuard<'_> {
+    fn drop(&mut self) {
+        let mut slot = self.0.slot.lock();
+        slot.dead = true;
+        slot.writing = false;
+        self.0.changed.notify_all();
     }
 }
 
@@ -127,11 +192,17 @@ impl Drop for CursorWriter {
             self.shared.changed.notify_all();
         }
         if let Some(thread) = self.thread.take() {
-            // Writes what is pending, then ends. A failure was logged.
-            let _ = thread.join();
+            // Tries what is pending once more, then ends.
+            if thread.join().is_err() {
+                tracing::error!("the sidecar's cursor writer thread panicked");
+            }
         }
-        if let Some(error) = self.shared.slot.lock().failed.take() {
-            tracing::warn!(%error, "sidecar stopped without writing its last cursor");
+        let slot = self.shared.slot.lock();
+        if slot.failing || slot.dead {
+            tracing::warn!(
+                "sidecar stopped without writing its last cursor; a sidecar started later \
+                 publishes again from the one in the file"
+            );
         }
     }
 }
@@ -141,7 +212,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_newest_cursor_is_written_and_a_failure_is_reported_once() -> Result<()> {
+    fn the_newest_cursor_is_written_and_a_failed_write_is_retried() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", "", e))?;
         let file = dir.path().join("cursor");
         let writer = CursorWriter::start(file.clone())?;
@@ -155,14 +226,22 @@ mod tests {
         std::fs::create_dir(&tmp).map_err(|e| Error::io("mkdir", &tmp, e))?;
         writer.submit(vec![1; 8])?;
         assert!(matches!(writer.flush(), Err(Error::Io { .. })));
-        assert!(writer.flush().is_ok(), "reported once");
-        writer.submit(vec![2; 8])?;
-        // The failure of that write comes with the next hand-over.
+        // Tried again: the next flush reports the next attempt's failure.
+        assert!(matches!(writer.flush(), Err(Error::Io { .. })));
+        // A hand-over while writes fail reports the failure.
         while writer.shared.slot.lock().failed.is_none() {
             std::thread::yield_now();
         }
         assert!(matches!(writer.submit(vec![3; 8]), Err(Error::Io { .. })));
+        assert_eq!(std::fs::read(&file).ok(), Some(vec![99u8; 8]));
+        // The cause gone, the retry writes the cursor without a new one.
         std::fs::remove_dir(&tmp).map_err(|e| Error::io("rmdir", &tmp, e))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read(&file).ok() != Some(vec![1u8; 8]) {
+            assert!(std::time::Instant::now() < deadline, "never retried");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        writer.flush()?;
         writer.submit(vec![4; 8])?;
         drop(writer);
         assert_eq!(

@@ -73,7 +73,9 @@ pub struct SidecarSource {
     reader: Arc<StoreReader>,
     /// Last seq read before a successful [`StoreReader::sync_wal`].
     durable: Arc<AtomicU64>,
-    /// Writes `state` into the cursor file, off the relay loop.
+    /// Writes `state` into the cursor file, off the relay loop. Declared
+    /// before `_lock`: dropped (its last write done) before the lock is
+    /// released, so the next sidecar reads the last cursor.
     cursor: CursorWriter,
     state: Mutex<RelayCursor>,
     interval: Duration,
