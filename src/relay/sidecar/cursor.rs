@@ -27,6 +27,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
+use crate::relay::Backoff;
 use crate::store::engine::file::write_file_atomic;
 
 /// Writes cursors handed to it into one file on a thread of its own, newest
@@ -51,10 +52,9 @@ struct Slot {
     /// A write is running.
     writing: bool,
     /// The last write failed (and no write succeeded since): its error,
-    /// until it is reported.
+    /// until it is reported. While it is set or was reported, `pending`
+    /// holds the failed cursor (or a newer one), except after the last try.
     failed: Option<Error>,
-    /// The last write failed: `pending` holds its cursor (or a newer one).
-    failing: bool,
     /// The writer thread ended (it panicked): nothing is written any more.
     dead: bool,
     stop: bool,
@@ -114,9 +114,13 @@ impl CursorWriter {
     }
 }
 
-/// The first wait before a failed write is tried again, and the longest.
-const RETRY_FIRST: Duration = Duration::from_millis(10);
-const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Waits before a failed write is tried again: 10 ms, doubling up to 1 s.
+const RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(10),
+    max: Duration::from_secs(1),
+    factor: 2.0,
+    jitter: 0.0,
+};
 
 fn writer_ended() -> Error {
     Error::RelayStopped("the sidecar's cursor writer thread ended (it panicked)".into())
@@ -128,7 +132,7 @@ impl Shared {
         // `flush` waiting for a thread that is gone.
         let ended = EndGuard(self);
         let mut slot = self.slot.lock();
-        let mut retry = RETRY_FIRST;
+        let mut failures = 0u32;
         loop {
             if let Some(cursor) = slot.pending.take() {
                 let last_try = slot.stop;
@@ -141,20 +145,19 @@ impl Shared {
                     Ok(()) => {
                         // This cursor holds everything before it.
                         slot.failed = None;
-                        slot.failing = false;
-                        retry = RETRY_FIRST;
+                        failures = 0;
                     }
                     Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let retry = RETRY.delay(failures, 0.0);
                         tracing::warn!(%error, retry_in = ?retry,
                             "sidecar could not write its cursor file");
                         slot.failed = Some(error);
-                        slot.failing = true;
                         if !last_try {
                             // Tried again, unless a newer cursor came.
                             slot.pending.get_or_insert(cursor);
                             self.changed.notify_all();
                             let _ = self.changed.wait_for(&mut slot, retry);
-                            retry = (retry * 2).min(RETRY_MAX);
                             continue;
                         }
                     }
@@ -197,8 +200,9 @@ impl Drop for CursorWriter {
                 tracing::error!("the sidecar's cursor writer thread panicked");
             }
         }
+        // The last try failed (it sets `failed`), or there was none.
         let slot = self.shared.slot.lock();
-        if slot.failing || slot.dead {
+        if slot.failed.is_some() || slot.dead {
             tracing::warn!(
                 "sidecar stopped without writing its last cursor; a sidecar started later \
                  publishes again from the one in the file"
