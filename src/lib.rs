@@ -45,6 +45,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! In async code, [`Store::write_async`] (and [`WriteTx::commit_async`],
+//! [`Batch::commit_async`]) commit the same way, with the wait for the disk
+//! as a [`CommitFuture`] that blocks no runtime thread.
+//!
 //! ## Guarantees
 //!
 //! - **Atomicity**: a commit's table writes and outbox events are one RocksDB
@@ -116,8 +120,8 @@ pub use store::table::Table;
 
 #[cfg(feature = "rocksdb")]
 pub use store::{
-    Batch, Committed, DeadLetters, HeadChanged, Outbox, Range, Snapshot, Store, StoreReader,
-    TransactionStats, WriteTx,
+    Batch, CommitFuture, Committed, DeadLetters, HeadChanged, Outbox, Range, Snapshot, Store,
+    StoreReader, TransactionStats, WriteTx,
 };
 
 #[cfg(feature = "failpoints")]

@@ -2,7 +2,9 @@
 //! Elle): random transactions over many keys, some hot and most cold, that
 //! read with `get_for_update` / `contains_for_update` and plain `get`, write,
 //! delete, emit, abort and conflict, beside blind batches and bank transfers,
-//! with per-commit durability chosen at random, in every store mode (Sync /
+//! with per-commit durability chosen at random, blocking commits beside
+//! async ones (many tasks on one runtime thread, through `write_async` and
+//! `commit_async`), in every store mode (Sync /
 //! Buffered x pipelined fsync on / off), with reopens between rounds, and in
 //! a second harness with SIGKILLs of a child process doing the same.
 //!
@@ -328,8 +330,53 @@ fn committed(seqs: &std::ops::Range<u64>, acked: &AtomicU64) -> Outcome {
     }
 }
 
-/// Runs one random transaction of a writer thread and records it.
-fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outboxkv::Result<Record> {
+/// How a transaction commits: blocking (`Store::write`, `commit`) or
+/// through the async path (`write_async`, `commit_async`), awaited by one
+/// of many tasks on a runtime's thread.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Via {
+    Blocking,
+    Async,
+}
+
+async fn write<T>(
+    store: &Store,
+    via: Via,
+    f: impl FnMut(&mut outboxkv::WriteTx<'_>) -> outboxkv::Result<T>,
+) -> outboxkv::Result<outboxkv::Committed<T>> {
+    match via {
+        Via::Blocking => store.write(f),
+        Via::Async => store.write_async(f).await,
+    }
+}
+
+async fn commit(tx: outboxkv::WriteTx<'_>, via: Via) -> outboxkv::Result<outboxkv::Committed<()>> {
+    match via {
+        Via::Blocking => tx.commit(),
+        Via::Async => tx.commit_async().await,
+    }
+}
+
+/// Runs a blocking transaction's future, which never waits.
+fn blocking(
+    f: impl std::future::Future<Output = outboxkv::Result<Record>>,
+) -> outboxkv::Result<Record> {
+    use futures_util::FutureExt;
+    f.now_or_never().unwrap_or_else(|| {
+        Err(Error::InvalidArgument(
+            "a blocking commit did not finish".into(),
+        ))
+    })
+}
+
+/// Runs one random transaction of a writer and records it.
+async fn writer_tx(
+    store: &Store,
+    rng: &mut Rng,
+    id: u64,
+    acked: &AtomicU64,
+    via: Via,
+) -> outboxkv::Result<Record> {
     let durability = rng.durability();
     let kind = rng.below(100);
     let seed = rng.next();
@@ -340,7 +387,7 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
         0..=39 => {
             let events = 1 + (seed % 3) as u32;
             let c = or_expired!(
-                store.write(|tx| {
+                write(store, via, |tx| {
                     rec.restart(acked);
                     tx.set_durability(durability);
                     let mut r = Rng::new(seed);
@@ -363,7 +410,8 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
                         rec.put(tx, r.key(), 0)?;
                     }
                     rec.emit(tx, events)
-                }),
+                })
+                .await,
                 rec,
                 "rmw"
             );
@@ -373,7 +421,7 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
         // Insert if absent.
         40..=49 => {
             let c = or_expired!(
-                store.write(|tx| {
+                write(store, via, |tx| {
                     rec.restart(acked);
                     tx.set_durability(durability);
                     let k = Rng::new(seed).key();
@@ -388,7 +436,8 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
                         rec.emit(tx, 1)?;
                     }
                     Ok(())
-                }),
+                })
+                .await,
                 rec,
                 "insert"
             );
@@ -399,7 +448,7 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
         // Bank transfer.
         50..=64 => {
             let c = or_expired!(
-                store.write(|tx| {
+                write(store, via, |tx| {
                     rec.restart(acked);
                     tx.set_durability(durability);
                     let mut r = Rng::new(seed);
@@ -411,7 +460,8 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
                     rec.put(tx, a, va - amount)?;
                     rec.put(tx, b, vb + amount)?;
                     rec.emit(tx, 1)
-                }),
+                })
+                .await,
                 rec,
                 "transfer"
             );
@@ -420,7 +470,7 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
         }
         // Abort after staging writes and events.
         65..=71 => {
-            let r = store.write(|tx| {
+            let r = write(store, via, |tx| {
                 rec.restart(acked);
                 let mut r = Rng::new(seed);
                 let k = r.key();
@@ -428,7 +478,8 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
                 rec.put(tx, k, 0)?;
                 rec.emit(tx, 1)?;
                 Err::<(), _>(Error::abort("the closure gives up"))
-            });
+            })
+            .await;
             assert!(matches!(r, Err(Error::Aborted(_))), "abort: {r:?}");
             Ok(rec.record("abort", 1, Outcome::Aborted))
         }
@@ -443,7 +494,7 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
             rec.get(&mut tx, k2, true)?;
             rec.put(&mut tx, k, 0)?;
             rec.emit(&mut tx, 1)?;
-            match tx.commit() {
+            match commit(tx, via).await {
                 Ok(c) => {
                     let o = committed(&c.seqs, acked);
                     Ok(rec.record("manual", 1, o))
@@ -458,13 +509,14 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
         // Audit: read every account (plain reads), must sum to the total.
         85..=89 => {
             let c = or_expired!(
-                store.write(|tx| {
+                write(store, via, |tx| {
                     rec.restart(acked);
                     for a in BANK..BANK + ACCOUNTS {
                         rec.get(tx, a, false)?;
                     }
                     Ok(())
-                }),
+                })
+                .await,
                 rec,
                 "audit"
             );
@@ -474,7 +526,7 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
         // Read-only, tracked and plain reads.
         _ => {
             let c = or_expired!(
-                store.write(|tx| {
+                write(store, via, |tx| {
                     rec.restart(acked);
                     let mut r = Rng::new(seed);
                     for _ in 0..1 + r.below(4) {
@@ -483,7 +535,8 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
                         rec.get(tx, k, tracked)?;
                     }
                     Ok(())
-                }),
+                })
+                .await,
                 rec,
                 "read"
             );
@@ -494,7 +547,13 @@ fn writer_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outbox
 }
 
 /// A blind batch: puts and deletes of 1-3 keys with no reads, one event.
-fn blind_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outboxkv::Result<Record> {
+async fn blind_tx(
+    store: &Store,
+    rng: &mut Rng,
+    id: u64,
+    acked: &AtomicU64,
+    via: Via,
+) -> outboxkv::Result<Record> {
     let mut rec = Tx::start(id, acked);
     let mut batch = store.batch();
     batch.set_durability(rng.durability());
@@ -512,7 +571,10 @@ fn blind_tx(store: &Store, rng: &mut Rng, id: u64, acked: &AtomicU64) -> outboxk
     for e in rec.events(1)? {
         batch.emit(e)?;
     }
-    let c = batch.commit()?;
+    let c = match via {
+        Via::Blocking => batch.commit()?,
+        Via::Async => batch.commit_async().await?,
+    };
     let o = committed(&c.seqs, acked);
     Ok(rec.record("blind", 1, o))
 }
@@ -537,9 +599,13 @@ fn open_bank(store: &Store, id: u64, acked: &AtomicU64) -> outboxkv::Result<Reco
 
 const WRITERS: u64 = 4;
 const BLIND: u64 = 2;
+/// Async tasks, all on one current-thread runtime: writer transactions and
+/// blind batches (one in four) through `write_async` / `commit_async`.
+const ASYNC_TASKS: u64 = 8;
 
-/// Runs `txs` transactions spread over the writer and blind threads; each
-/// record goes to `sink` as soon as its outcome is known.
+/// Runs `txs` transactions spread over the writer and blind threads and
+/// the async tasks; each record goes to `sink` as soon as its outcome is
+/// known.
 fn run_round(
     store: &Store,
     seed: u64,
@@ -549,18 +615,19 @@ fn run_round(
     sink: &(dyn Fn(Record) + Sync),
 ) -> TestResult {
     let threads = WRITERS + BLIND;
-    let per_thread = txs / threads;
+    let per_worker = txs / (threads + ASYNC_TASKS);
+    let rng_for = |w: u64| Rng::new(seed ^ (w + 1).wrapping_mul(0xa076_1d64_78bd_642f));
     std::thread::scope(|s| -> TestResult {
-        let handles: Vec<_> = (0..threads)
+        let mut handles: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || -> outboxkv::Result<()> {
-                    let mut rng = Rng::new(seed ^ (t + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-                    for i in 0..per_thread {
-                        let id = first_id + t * per_thread + i;
+                    let mut rng = rng_for(t);
+                    for i in 0..per_worker {
+                        let id = first_id + t * per_worker + i;
                         let rec = if t < WRITERS {
-                            writer_tx(store, &mut rng, id, acked)?
+                            blocking(writer_tx(store, &mut rng, id, acked, Via::Blocking))?
                         } else {
-                            blind_tx(store, &mut rng, id, acked)?
+                            blocking(blind_tx(store, &mut rng, id, acked, Via::Blocking))?
                         };
                         sink(rec);
                     }
@@ -568,6 +635,35 @@ fn run_round(
                 })
             })
             .collect();
+        handles.push(s.spawn(move || -> outboxkv::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::InvalidArgument(format!("runtime: {e}")))?;
+            let tasks = (threads..threads + ASYNC_TASKS).map(|w| async move {
+                let mut rng = rng_for(w);
+                for i in 0..per_worker {
+                    let id = first_id + w * per_worker + i;
+                    let rec = if rng.chance(25) {
+                        blind_tx(store, &mut rng, id, acked, Via::Async).await?
+                    } else {
+                        writer_tx(store, &mut rng, id, acked, Via::Async).await?
+                    };
+                    sink(rec);
+                }
+                Ok::<_, outboxkv::Error>(())
+            });
+            // A lost wake-up would hang the round: fail it instead.
+            rt.block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(600),
+                    futures_util::future::try_join_all(tasks),
+                )
+                .await
+                .map_err(|_| Error::InvalidArgument("async tasks hung for 600 s".into()))
+            })??;
+            Ok(())
+        }));
         for h in handles {
             h.join().map_err(|_| "a worker thread panicked")??;
         }

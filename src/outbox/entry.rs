@@ -386,6 +386,11 @@ impl EncodedEntries {
         EncodedEntries { buf, first, more }
     }
 
+    /// Bytes of the encoded entries.
+    pub(crate) fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Number of entries.
     pub(crate) fn len(&self) -> usize {
         usize::from(self.first.is_some()) + self.more.len()

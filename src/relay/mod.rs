@@ -433,11 +433,18 @@ impl RelayBuilder {
             // What the worker settled is recorded (a sidecar writes its
             // cursor off the loop) before the relay says it stopped:
             // `stopped`, `wait_delivered` and `shutdown` answer once the
-            // worker, and with it `delivered`, is dropped below.
-            let flushed = worker.source.flush();
-            // Fields drop in order: the source (and the sidecar's relay
-            // lock, unless the caller kept a handle), then `delivered`.
-            drop(worker);
+            // worker, and with it `delivered`, is dropped. Both off the
+            // runtime's workers: the flush waits for a file write, and
+            // dropping the source may close the store.
+            let flushed = off_runtime(move || {
+                let flushed = worker.source.flush();
+                // Fields drop in order: the source (and the sidecar's
+                // relay lock, unless the caller kept a handle), then
+                // `delivered`.
+                drop(worker);
+                flushed
+            })
+            .await;
             let result = match (result, flushed) {
                 (result, Ok(())) => result,
                 (Ok(()), Err(e)) => Err(e),
@@ -820,7 +827,10 @@ impl Worker {
                             || available >= room_entries as u64
                             || (available as usize).saturating_mul(entry_bytes) >= room_bytes)
                     {
-                        let batch = outbox.read(next, room_entries, room_bytes)?;
+                        let batch = {
+                            let outbox = outbox.clone();
+                            off_runtime(move || outbox.read(next, room_entries, room_bytes)).await?
+                        };
                         if let (Some(first), Some(last)) = (batch.first(), batch.last()) {
                             let round = Launched {
                                 first: first.seq,
@@ -920,12 +930,13 @@ impl Worker {
                 self.settle(&round.batch, outcomes, &mut memory, true);
                 continue;
             }
-            let settled = self.settle(&round.batch, outcomes, &mut memory, false);
+            let mut settled = self.settle(&round.batch, outcomes, &mut memory, false);
             let moved = settled.through >= done.first;
-            if settled.fatal.is_some() && moved {
-                outbox.settle(settled.through, &settled.dead)?;
-            }
+            let dead = std::mem::take(&mut settled.dead);
             if let Some(error) = settled.fatal {
+                if moved {
+                    settle_off_runtime(&outbox, settled.through, dead).await?;
+                }
                 self.metrics.sink_up.set(0);
                 self.metrics.publish_ended();
                 return Err(Error::Broker {
@@ -935,7 +946,7 @@ impl Worker {
             }
             if moved {
                 progressed = true;
-                outbox.settle(settled.through, &settled.dead)?;
+                settle_off_runtime(&outbox, settled.through, dead).await?;
                 memory.attempts.retain(|&seq, _| seq > settled.through);
                 memory.acked_ahead = memory.acked_ahead.split_off(&(settled.through + 1));
                 self.metrics.delivered_seq.set(settled.through as i64);
@@ -1225,6 +1236,27 @@ struct Settled {
     first_error: String,
     /// The sink cannot go on: stop the relay with this error.
     fatal: Option<String>,
+}
+
+/// Runs the relay's store work (a read, with its fsync; a prune) on the
+/// runtime's blocking pool: the relay never blocks a worker thread of its
+/// runtime, which the service's own tasks (and the sink's client) share.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::RelayStopped(format!("the relay's store work did not finish: {e}")))?
+}
+
+/// [`OutboxSource::settle`], through [`off_runtime`].
+async fn settle_off_runtime(
+    source: &Arc<dyn OutboxSource>,
+    through: u64,
+    dead: Vec<DeadLetter>,
+) -> Result<()> {
+    let source = source.clone();
+    off_runtime(move || source.settle(through, &dead)).await
 }
 
 /// Resolves when the relay must stop what it is waiting for: at once on a

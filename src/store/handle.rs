@@ -49,7 +49,43 @@ use crate::outbox::entry::{OutboxEntry, StoreId};
 /// ```
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<Handle>,
+}
+
+/// What every clone of a [`Store`] shares: the store's [`Inner`], and the
+/// duty to stop its commit threads when the last clone goes. The commit
+/// threads (started by the first async commit) hold `Inner` themselves, so
+/// the database closes only after they stopped, on the thread that drops
+/// the last `Store`: a reopen right after that finds the store closed.
+pub(crate) struct Handle {
+    inner: Arc<Inner>,
+}
+
+impl Handle {
+    pub(crate) fn new(inner: Inner) -> Handle {
+        Handle {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The shared `Inner` (for the commit threads).
+    pub(crate) fn arc(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+impl std::ops::Deref for Handle {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.inner.pipeline.stop_drivers();
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -171,7 +207,7 @@ impl Store {
 }
 
 /// A [`Store`] that does not keep it open: [`Store::downgrade`].
-pub(crate) struct WeakStore(Weak<Inner>);
+pub(crate) struct WeakStore(Weak<Handle>);
 
 impl WeakStore {
     /// The store, while some clone of it is still open.
@@ -248,9 +284,26 @@ impl Store {
     /// `delay` (on top of the real fsync), as a disk with slower syncs
     /// would. `Duration::ZERO` turns it off.
     pub fn delay_fsyncs(&self, delay: std::time::Duration) {
-        self.inner
-            .medium
-            .faults
-            .delay(crate::Failpoint::WalSync, delay);
+        self.delay_at(crate::Failpoint::WalSync, delay);
+    }
+
+    /// Slow-disk simulation for tests and benchmarks (feature
+    /// `failpoints`, not for production): every call at `point` first
+    /// sleeps `delay` (`Duration::ZERO` turns it off), whether or not a
+    /// fault is armed there.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use outboxkv::{Event, Failpoint, Store};
+    /// let dir = tempfile::tempdir()?;
+    /// let store = Store::open(dir.path())?;
+    /// store.delay_at(Failpoint::CommitWrite, Duration::from_millis(50));
+    /// let started = Instant::now();
+    /// store.write(|tx| tx.emit(Event::bytes("t", "k", Vec::new())))?;
+    /// assert!(started.elapsed() >= Duration::from_millis(50));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn delay_at(&self, point: crate::Failpoint, delay: std::time::Duration) {
+        self.inner.medium.faults.delay(point, delay);
     }
 }

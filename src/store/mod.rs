@@ -10,7 +10,8 @@
 //!    goes through;
 //! 3. the store core: [`handle`] (`Store`), [`open`] (opening and recovery),
 //!    [`commit`] (the commit pipeline) with [`conflict`] (the conflict
-//!    index), [`tx`] (transactions and batches), [`read`] (reads and
+//!    index), [`tx`] (transactions and batches), [`future`] (async
+//!    commits), [`read`] (reads and
 //!    snapshots), [`prune`], [`notify`] (head notifications), [`handoff`]
 //!    (the sidecar-cursor watcher), [`checkpoint`];
 //! 4. views on top of it: [`outbox`] (`Outbox`, `DeadLetters`) and
@@ -35,6 +36,8 @@ mod commit;
 #[cfg(feature = "rocksdb")]
 mod conflict;
 #[cfg(feature = "rocksdb")]
+mod future;
+#[cfg(feature = "rocksdb")]
 mod handle;
 #[cfg(feature = "rocksdb")]
 mod handoff;
@@ -56,6 +59,8 @@ mod tx;
 #[cfg(feature = "rocksdb")]
 pub(crate) use options::Durability;
 
+#[cfg(feature = "rocksdb")]
+pub use future::CommitFuture;
 #[cfg(feature = "rocksdb")]
 pub use handle::Store;
 #[cfg(feature = "rocksdb")]

@@ -27,7 +27,7 @@ use super::engine::lock::lock;
 use super::engine::medium::Medium;
 use super::engine::scan::{Bounds, outbox_bounds};
 use super::engine::{CF_META, META_STORE_ID, column_family, rocksdb_options, storage};
-use super::handle::{Inner, Store};
+use super::handle::{Handle, Inner, Store};
 use super::meta::{FORMAT_VERSION, META_FILE, StoreMeta};
 use super::notify::Notifier;
 use super::options::StoreOptions;
@@ -150,7 +150,7 @@ fn open(path: &Path, opts: StoreOptions) -> Result<Store> {
         _owner_lock: lock_file,
     };
     let store = Store {
-        inner: Arc::new(inner),
+        inner: Arc::new(Handle::new(inner)),
     };
     if let Some(every) = store.inner.opts.relay_cursor_poll {
         super::handoff::watch_relay_cursor(&store, every)?;

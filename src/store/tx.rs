@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::commit::{BATCH_HEADER, ReadRecord, Registration, Request};
 use super::engine::{CF_DEAD, CF_TABLES};
+use super::future::{CommitFuture, CommitState};
 use super::handle::Store;
 use super::key::{Key, render};
 use super::options::Durability;
@@ -43,7 +44,17 @@ pub struct Committed<T> {
     pub value: T,
     /// Seqs assigned to the emitted events, in emit order.
     pub seqs: Range<u64>,
-    store: StoreId,
+    pub(super) store: StoreId,
+}
+
+impl Committed<()> {
+    fn empty(store: StoreId) -> Committed<()> {
+        Committed {
+            value: (),
+            seqs: 0..0,
+            store,
+        }
+    }
 }
 
 impl<T> Committed<T> {
@@ -55,7 +66,7 @@ impl<T> Committed<T> {
         })
     }
 
-    fn map<U>(self, value: U) -> Committed<U> {
+    pub(super) fn map<U>(self, value: U) -> Committed<U> {
         Committed {
             value,
             seqs: self.seqs,
@@ -226,12 +237,63 @@ impl<'s> Staged<'s> {
     ) -> Result<Committed<()>> {
         let inner = &self.store.inner;
         let store = inner.meta.store_id;
+        let Some((batch, entries)) = self.build()? else {
+            return Ok(Committed::empty(store));
+        };
+        let assigned = inner.pipeline.commit(
+            inner,
+            Request {
+                reader,
+                reads,
+                writes: &self.writes,
+                batch,
+                entries,
+                sync: self.durability == Durability::Sync,
+            },
+        )?;
+        Ok(Committed {
+            value: (),
+            seqs: assigned.seqs,
+            store,
+        })
+    }
+
+    /// Like [`Staged::commit`], but the wait for the write and fsync is the
+    /// future returned (see [`Pipeline::commit_async`](super::commit::Pipeline::commit_async)).
+    fn commit_async(self, reader: Option<Registration<'s>>, reads: &[ReadRecord]) -> CommitFuture {
+        let inner = &self.store.inner;
+        let store = inner.meta.store_id;
+        let (batch, entries) = match self.build() {
+            Ok(Some(built)) => built,
+            Ok(None) => return CommitFuture::ready(Ok(Committed::empty(store))),
+            Err(e) => return CommitFuture::ready(Err(e)),
+        };
+        let ordered = inner.pipeline.commit_async(
+            inner.arc(),
+            Request {
+                reader,
+                reads,
+                writes: &self.writes,
+                batch,
+                entries,
+                sync: self.durability == Durability::Sync,
+            },
+        );
+        match ordered {
+            Ok((wait, seqs)) => CommitFuture {
+                state: CommitState::Waiting { wait, seqs, store },
+            },
+            Err(e) => CommitFuture::ready(Err(e)),
+        }
+    }
+
+    /// The commit's RocksDB batch (its table writes) and its encoded outbox
+    /// entries; `None` for a commit with nothing in it.
+    fn build(&self) -> Result<Option<(WriteBatch, EncodedEntries)>> {
+        let inner = &self.store.inner;
+        let store = inner.meta.store_id;
         if self.writes.len() == 0 && self.events.is_empty() {
-            return Ok(Committed {
-                value: (),
-                seqs: 0..0,
-                store,
-            });
+            return Ok(None);
         }
         let size = self.batch_bytes();
         if size > inner.opts.max_transaction_bytes {
@@ -255,22 +317,7 @@ impl<'s> Staged<'s> {
             }
         }
         let entries = EncodedEntries::encode(&self.events, store);
-        let assigned = inner.pipeline.commit(
-            inner,
-            Request {
-                reader,
-                reads,
-                writes: &self.writes,
-                batch,
-                entries,
-                sync: self.durability == Durability::Sync,
-            },
-        )?;
-        Ok(Committed {
-            value: (),
-            seqs: assigned.seqs,
-            store,
-        })
+        Ok(Some((batch, entries)))
     }
 }
 
@@ -504,6 +551,25 @@ impl<'s> WriteTx<'s> {
         });
         staged.commit(reader, &reads)
     }
+
+    /// [`commit`](WriteTx::commit) for async code: validates and orders
+    /// the commit now (a conflict or a limit is known at once), and returns
+    /// a future that resolves once the commit is written and, if `Sync`,
+    /// fsynced, without blocking the runtime meanwhile. Not retried on
+    /// conflict ([`Store::write_async`] retries). See [`CommitFuture`] for
+    /// what dropping it does.
+    pub fn commit_async(self) -> CommitFuture {
+        let WriteTx {
+            staged,
+            view,
+            reads,
+        } = self;
+        let reader = view.map(|(snapshot, reader)| {
+            drop(snapshot);
+            reader
+        });
+        staged.commit_async(reader, &reads)
+    }
 }
 
 /// A blind-write batch: puts, deletes and events committed atomically with no
@@ -563,6 +629,27 @@ impl<'s> Batch<'s> {
     /// Commits atomically.
     pub fn commit(self) -> Result<Committed<()>> {
         self.staged.commit(None, &[])
+    }
+
+    /// Commits atomically, for async code: the wait for the write and the
+    /// fsync is the [`CommitFuture`] returned (see
+    /// [`WriteTx::commit_async`]).
+    ///
+    /// ```
+    /// # use outboxkv::{Event, Store, Table};
+    /// # const SEEN: Table<u64, bool> = Table::new("seen");
+    /// # let dir = tempfile::tempdir()?;
+    /// # let store = Store::open(dir.path())?;
+    /// # let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    /// let mut batch = store.batch();
+    /// batch.put(&SEEN, &7, &true)?;
+    /// batch.emit(Event::bytes("seen", "7", Vec::new()))?;
+    /// let committed = runtime.block_on(batch.commit_async())?;
+    /// assert_eq!(committed.seqs, 1..2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn commit_async(self) -> CommitFuture {
+        self.staged.commit_async(None, &[])
     }
 }
 

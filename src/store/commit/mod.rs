@@ -51,9 +51,15 @@
 //! written as if before the failure); members of a group whose write or
 //! fsync failed get [`WriteOutcome::Unknown`].
 
+mod driver;
+mod slot;
+
+use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -68,6 +74,9 @@ use super::tx::WriteSet;
 use crate::error::{Error, Result, WriteOutcome};
 use crate::invariant::invariant;
 use crate::outbox::entry::{EncodedEntries, MAX_SEQ, now_micros};
+use driver::{Drivers, Role};
+pub(crate) use slot::SlotWait;
+use slot::{Done, Slot, SlotState, Waiter};
 
 /// Size of a RocksDB write batch header: 8-byte sequence, 4-byte count.
 pub(crate) const BATCH_HEADER: usize = 12;
@@ -77,6 +86,10 @@ const LEADER_ROUNDS: u32 = 8;
 const SYNC_ROUNDS: u32 = 4;
 /// Times a waiting commit yields its CPU before it sleeps.
 const SPIN_YIELDS: u32 = 10;
+/// A group takes commits off the queue until their batches and entries
+/// reach about this many bytes (at least one commit): with many async
+/// commits queued, one merged write (and its copy) stays bounded.
+const GROUP_BYTES: usize = 32 << 20;
 
 /// A key read with `get_for_update`.
 pub(crate) struct ReadRecord {
@@ -137,39 +150,9 @@ struct Pending {
 
 /// Why a commit failed inside the pipeline (reported as [`Error::Poisoned`]).
 #[derive(Debug, Clone)]
-struct Failure {
+pub(crate) struct Failure {
     cause: String,
     outcome: WriteOutcome,
-}
-
-type Done = std::result::Result<(), Failure>;
-
-enum SlotState {
-    Waiting,
-    /// Become the leader: write the queue.
-    Lead,
-    /// Become the fsyncer: fsync for the groups waiting for one.
-    Sync,
-    Done(Done),
-}
-
-struct Slot {
-    state: Mutex<SlotState>,
-    cond: Condvar,
-}
-
-impl Slot {
-    fn new() -> Arc<Slot> {
-        Arc::new(Slot {
-            state: Mutex::new(SlotState::Waiting),
-            cond: Condvar::new(),
-        })
-    }
-
-    fn set(&self, s: SlotState) {
-        *self.state.lock() = s;
-        self.cond.notify_one();
-    }
 }
 
 struct State {
@@ -200,6 +183,23 @@ enum Refused {
     Error(Error),
 }
 
+impl Refused {
+    /// The error for the caller (rendering a conflicting key runs the
+    /// caller's `Key` impl: call it without the lock).
+    fn into_error(self, reads: &[ReadRecord]) -> Error {
+        match self {
+            Refused::Error(e) => e,
+            Refused::Conflict(i) => {
+                let r = &reads[i];
+                Error::Conflict {
+                    table: r.table.to_string(),
+                    key: (r.render)(&r.key),
+                }
+            }
+        }
+    }
+}
+
 impl From<Error> for Refused {
     fn from(e: Error) -> Self {
         Refused::Error(e)
@@ -220,6 +220,12 @@ pub(crate) struct Pipeline {
     /// an fsync). Starts at 0: what a reopen recovered may sit in the page
     /// cache only. INV-DURABLE: never above the written seq.
     durable_head: AtomicU64,
+    /// Async commits waiting for `visible_version` to advance (a retry
+    /// after a conflict, [`Pipeline::visible`]); woken after each group
+    /// write, outside the state lock.
+    visible_wakers: Mutex<Vec<Waker>>,
+    /// The threads that do the pipeline's work for async commits.
+    drivers: Drivers,
 }
 
 /// Outcome of a successful commit.
@@ -250,6 +256,8 @@ impl Pipeline {
             visible: Condvar::new(),
             tail: AtomicU64::new(tail),
             durable_head: AtomicU64::new(0),
+            visible_wakers: Mutex::new(Vec::new()),
+            drivers: Drivers::default(),
         }
     }
 
@@ -336,16 +344,7 @@ impl Pipeline {
                 // A refused commit's batch and entries are freed here, not
                 // under the lock.
                 drop(req);
-                return Err(match refused {
-                    Refused::Error(e) => e,
-                    Refused::Conflict(i) => {
-                        let r = &reads[i];
-                        Error::Conflict {
-                            table: r.table.to_string(),
-                            key: (r.render)(&r.key),
-                        }
-                    }
-                });
+                return Err(refused.into_error(reads));
             }
         };
         let outcome = if !st.leader {
@@ -353,12 +352,12 @@ impl Pipeline {
             let mut group = std::mem::take(&mut st.spare);
             group.push(pending);
             drop(st);
-            match self.lead(inner, group, false) {
+            match self.lead(inner, group, false, false) {
                 Own::Done(r) => r,
                 Own::Wait(slot) => self.wait(inner, &slot),
             }
         } else {
-            let slot = Slot::new();
+            let slot = Slot::new(Waiter::Thread);
             st.queue.push(Pending {
                 slot: Some(slot.clone()),
                 ..pending
@@ -367,6 +366,106 @@ impl Pipeline {
             self.wait(inner, &slot)
         };
         outcome.map(|()| Assigned { seqs }).map_err(Error::from)
+    }
+
+    /// Orders the commit of an async caller like [`Pipeline::commit`], then
+    /// returns at once with a future of its outcome: it never writes or
+    /// fsyncs on the caller's thread. When no leader is running, the
+    /// store's lead commit thread (`driver`) is handed the queue; roles
+    /// that would come to this commit go to the commit threads too.
+    ///
+    /// Once this returns `Ok`, the commit is ordered: it is written (or
+    /// fails with the store) whether or not the future is polled.
+    pub(crate) fn commit_async(
+        &self,
+        inner: &Arc<Inner>,
+        req: Request<'_>,
+    ) -> Result<(SlotWait, Range<u64>)> {
+        self.drivers.start(inner)?;
+        let reads = req.reads;
+        let mut st = self.state.lock();
+        let (pending, seqs) = match self.order(inner, &mut st, req) {
+            Ok(ordered) => ordered,
+            Err((refused, req)) => {
+                drop(st);
+                drop(req);
+                return Err(refused.into_error(reads));
+            }
+        };
+        let slot = Slot::new(Waiter::Task);
+        st.queue.push(Pending {
+            slot: Some(slot.clone()),
+            ..pending
+        });
+        let lead = !std::mem::replace(&mut st.leader, true);
+        drop(st);
+        if lead {
+            self.give(Role::Lead);
+        }
+        Ok((SlotWait { slot }, seqs))
+    }
+
+    /// Takes on `role` for async commits, on a commit thread.
+    fn drive(&self, inner: &Inner, role: Role) {
+        match role {
+            Role::Lead => {
+                // Given with the queue not empty, and no one else takes it
+                // while this thread holds the leadership.
+                let group = take_group(&mut self.state.lock());
+                self.lead(inner, group, true, true);
+            }
+            Role::Sync => self.sync_loop(inner, self.state.lock(), true),
+        }
+    }
+
+    /// Hands `role` to the commit waiting on `slot`: to its thread, or for
+    /// an async commit, to the store's commit thread for the role.
+    fn hand(&self, slot: &Slot, role: Role) {
+        match slot.waiter {
+            Waiter::Thread => slot.set(match role {
+                Role::Lead => SlotState::Lead,
+                Role::Sync => SlotState::Sync,
+            }),
+            Waiter::Task => self.give(role),
+        }
+    }
+
+    fn give(&self, role: Role) {
+        // A task slot exists only after `commit_async` started them.
+        let given = self.drivers.give(role);
+        invariant!(
+            given,
+            "INV-DRIVER: {role:?} handed to commit threads that never started"
+        );
+    }
+
+    /// Stops the commit threads (after the roles they were given) and
+    /// waits for them; the last `Store` handle calls it.
+    pub(crate) fn stop_drivers(&self) {
+        self.drivers.stop();
+    }
+
+    /// Resolves once every commit ordered so far is visible to readers (or
+    /// the store is poisoned): the async form of [`Pipeline::wait_visible`].
+    pub(crate) fn visible(&self) -> Visible<'_> {
+        Visible {
+            pipeline: self,
+            target: self.state.lock().version,
+        }
+    }
+
+    fn reached(&self, target: u64) -> bool {
+        let st = self.state.lock();
+        st.visible_version >= target || st.poisoned.is_some()
+    }
+
+    /// Wakes the async commits waiting for [`Pipeline::visible`]. Call it
+    /// without the state lock held.
+    fn wake_visible(&self) {
+        let wakers = std::mem::take(&mut *self.visible_wakers.lock());
+        for w in wakers {
+            w.wake();
+        }
     }
 
     /// Waits until `slot` says the commit is done, taking on the roles the
@@ -390,15 +489,15 @@ impl Pipeline {
                 SlotState::Done(r) => return r,
                 SlotState::Lead => {
                     drop(guard);
-                    let group = std::mem::take(&mut self.state.lock().queue);
+                    let group = take_group(&mut self.state.lock());
                     // This commit is the group's first member and has a
                     // slot: `lead` reports through it.
-                    self.lead(inner, group, true);
+                    self.lead(inner, group, true, false);
                     guard = slot.state.lock();
                 }
                 SlotState::Sync => {
                     drop(guard);
-                    self.sync_loop(inner, self.state.lock());
+                    self.sync_loop(inner, self.state.lock(), false);
                     guard = slot.state.lock();
                 }
             }
@@ -511,7 +610,11 @@ impl Pipeline {
     /// member) has a slot: then its result goes there and this returns
     /// `Own::Done(Ok(()))`; otherwise this returns the result, or a slot to
     /// wait on when the result depends on an fsync.
-    fn lead(&self, inner: &Inner, mut group: Vec<Pending>, has_slot: bool) -> Own {
+    ///
+    /// `on_driver` says that the caller is the lead commit thread: then a
+    /// group's fsyncs go to the fsync commit thread, and this goes on
+    /// leading.
+    fn lead(&self, inner: &Inner, mut group: Vec<Pending>, has_slot: bool, on_driver: bool) -> Own {
         let mut own = None;
         let mut rounds = 1;
         loop {
@@ -554,10 +657,12 @@ impl Pipeline {
             } else if st.poisoned.is_some() {
                 failed = std::mem::take(&mut st.queue);
                 st.leader = false;
-            } else if !written.sync && rounds < LEADER_ROUNDS {
-                next = Some(std::mem::take(&mut st.queue));
+            } else if on_driver || (!written.sync && rounds < LEADER_ROUNDS) {
+                // The lead commit thread goes on leading: it has no commit
+                // of its own to go back to, and no fsync to run.
+                next = Some(take_group(&mut st));
             } else if let Some(slot) = st.queue.first().and_then(|p| p.slot.as_ref()) {
-                slot.set(SlotState::Lead);
+                self.hand(slot, Role::Lead);
             }
             let visible = st.visible_version;
             st.conflicts.trim(visible, Instant::now);
@@ -565,21 +670,17 @@ impl Pipeline {
                 cause: st.poisoned.clone().unwrap_or_default(),
                 outcome: WriteOutcome::NotWritten,
             };
-            let mut sync_now = None;
+            let mut sync_now = false;
             if let (Ok(version), true) = (&outcome, written.sync) {
                 if own.is_none() && !has_slot {
-                    let slot = Slot::new();
+                    let slot = Slot::new(Waiter::Thread);
                     written.slots.push(slot.clone());
                     own = Some(Own::Wait(slot));
                 }
                 st.awaiting
                     .push((*version, std::mem::take(&mut written.slots)));
-                if st.syncing {
-                    drop(st);
-                } else {
-                    st.syncing = true;
-                    sync_now = Some(st);
-                }
+                sync_now = !std::mem::replace(&mut st.syncing, true);
+                drop(st);
             } else {
                 // Wakers run outside the lock (a waker may drop a
                 // transaction, whose registration takes the lock).
@@ -593,8 +694,13 @@ impl Pipeline {
                     slot.set(SlotState::Done(outcome.clone()));
                 }
             }
-            if let Some(st) = sync_now {
-                self.sync_loop(inner, st);
+            self.wake_visible();
+            if sync_now {
+                if on_driver {
+                    self.give(Role::Sync);
+                } else {
+                    self.sync_loop(inner, self.state.lock(), false);
+                }
             }
             // After the lock is released (`sync_loop` releases it): the
             // failed commits' batches are freed here.
@@ -604,7 +710,7 @@ impl Pipeline {
             match next {
                 Some(g) => {
                     group = g;
-                    rounds += 1;
+                    rounds = rounds.saturating_add(1);
                 }
                 None => break,
             }
@@ -635,7 +741,10 @@ impl Pipeline {
     /// the role to a waiting commit). After each fsync it publishes the
     /// outbox seqs made durable (before any commit it covered is told it is
     /// done), then wakes the covered commits.
-    fn sync_loop<'p>(&'p self, inner: &Inner, mut st: MutexGuard<'p, State>) {
+    ///
+    /// On the fsync commit thread (`on_driver`) it does not hand the role
+    /// on: it runs fsyncs until no group waits.
+    fn sync_loop<'p>(&'p self, inner: &Inner, mut st: MutexGuard<'p, State>, on_driver: bool) {
         let mut rounds = 0;
         loop {
             rounds += 1;
@@ -664,11 +773,11 @@ impl Pipeline {
                 .partition(|(version, _)| failed || *version <= cover);
             st.awaiting = waiting;
             let mut again = !st.awaiting.is_empty();
-            if again && rounds >= SYNC_ROUNDS {
+            if again && rounds >= SYNC_ROUNDS && !on_driver {
                 // Hand the role (`syncing` stays set) to a waiting commit.
                 let next = st.awaiting.iter().find_map(|(_, s)| s.first()).cloned();
                 if let Some(slot) = next {
-                    slot.set(SlotState::Sync);
+                    self.hand(&slot, Role::Sync);
                     again = false;
                 }
             } else if !again {
@@ -864,6 +973,26 @@ impl From<Failure> for Error {
     }
 }
 
+/// Takes the next group off the queue: its first commits, up to about
+/// [`GROUP_BYTES`] (at least one). What stays is led next.
+fn take_group(st: &mut State) -> Vec<Pending> {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for p in &st.queue {
+        let size = p.batch.data().len() + p.entries.bytes();
+        if n > 0 && bytes.saturating_add(size) > GROUP_BYTES {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        n += 1;
+    }
+    if n == st.queue.len() {
+        std::mem::take(&mut st.queue)
+    } else {
+        st.queue.drain(..n).collect()
+    }
+}
+
 /// Concatenates RocksDB write batches: one header with the summed count,
 /// then every batch's records in order (what RocksDB's own
 /// `WriteBatchInternal::Append` does; the record format is the WAL format).
@@ -880,4 +1009,34 @@ fn merge(group: &[Pending]) -> WriteBatch {
         rep.extend_from_slice(p.batch.data().get(BATCH_HEADER..).unwrap_or_default());
     }
     WriteBatch::from_data(&rep)
+}
+
+/// What [`Pipeline::visible`] returns.
+pub(crate) struct Visible<'p> {
+    pipeline: &'p Pipeline,
+    target: u64,
+}
+
+impl Future for Visible<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let p = self.pipeline;
+        if p.reached(self.target) {
+            return Poll::Ready(());
+        }
+        // Registered before the second look: a group written in between
+        // wakes it (`wake_visible` runs after the write is published).
+        {
+            let mut wakers = p.visible_wakers.lock();
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+        }
+        if p.reached(self.target) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
