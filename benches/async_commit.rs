@@ -6,18 +6,23 @@
 //! the same machine, and reported as the median round:
 //!
 //! - `16 threads`: 16 OS threads calling `store.write`;
+//! - `256 threads`: 256 OS threads calling `store.write` (the same number
+//!   of commits in flight as the task rows);
 //! - `256 tasks, write`: 256 tokio tasks on a 2-worker runtime calling the
 //!   blocking `store.write` directly, as a naive async handler would;
 //! - `spawn_blocking`: the same 256 tasks, each commit through
-//!   `tokio::task::spawn_blocking`;
+//!   `tokio::task::spawn_blocking` (tokio's default pool, at most 512
+//!   threads);
 //! - `async`: the same 256 tasks calling `store.write_async(..).await`.
 //!
 //! Columns: commits/s, the ratio against the `spawn_blocking` row, the
 //! process's peak OS thread count during the row (from
-//! `/proc/self/status`; each row has a runtime of its own, shut down after
-//! it, and the count includes RocksDB's background threads, the runtime's
-//! two workers and, once started, the store's two commit threads), and
-//! the p50/p99 latency of one commit.
+//! `/proc/self/status`; each task row has a runtime of its own, shut down
+//! after it, and the count includes RocksDB's background threads, the
+//! runtime's two workers and, once started, the store's two commit
+//! threads), and the p50/p99 latency of one commit from the moment its
+//! task or thread started it (for `256 tasks, write` that leaves out the
+//! time a task waited for a worker, so its latencies are not shown).
 //! Targets: `async` >= 1.0x `spawn_blocking` and >= 1.5x `16 threads`,
 //! with a handful of threads.
 //!
@@ -43,6 +48,7 @@ const THREADS: usize = 16;
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
     Threads,
+    Threads256,
     TasksBlocking,
     SpawnBlocking,
     Async,
@@ -52,6 +58,7 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Mode::Threads => "16 threads",
+            Mode::Threads256 => "256 threads",
             Mode::TasksBlocking => "256 tasks, write",
             Mode::SpawnBlocking => "spawn_blocking",
             Mode::Async => "async",
@@ -125,15 +132,25 @@ fn run(mode: Mode, store: &Store, commits: u64, next: &Arc<AtomicU64>) -> AnyRes
     let sampler = Sampler::start();
     // A runtime per row, shut down after it: the threads a row starts
     // (spawn_blocking's pool) are not counted in the next row.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = match mode {
+        Mode::Threads | Mode::Threads256 => None,
+        _ => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?,
+        ),
+    };
     let started = Instant::now();
-    let latencies = match mode {
-        Mode::Threads => {
-            let per = commits / THREADS as u64;
-            let handles: Vec<_> = (0..THREADS)
+    let latencies = match (mode, &rt) {
+        (Mode::Threads | Mode::Threads256, _) | (_, None) => {
+            let threads = if mode == Mode::Threads {
+                THREADS
+            } else {
+                TASKS
+            };
+            let per = commits / threads as u64;
+            let handles: Vec<_> = (0..threads)
                 .map(|_| {
                     let (store, next) = (store.clone(), next.clone());
                     thread::spawn(move || -> AnyResult<Vec<Duration>> {
@@ -155,7 +172,7 @@ fn run(mode: Mode, store: &Store, commits: u64, next: &Arc<AtomicU64>) -> AnyRes
             }
             all
         }
-        _ => rt.block_on(async {
+        (_, Some(rt)) => rt.block_on(async {
             let per = commits / TASKS as u64;
             let tasks: Vec<_> = (0..TASKS)
                 .map(|_| {
@@ -201,7 +218,9 @@ fn run(mode: Mode, store: &Store, commits: u64, next: &Arc<AtomicU64>) -> AnyRes
         })?,
     };
     let elapsed = started.elapsed();
-    rt.shutdown_timeout(Duration::from_secs(10));
+    if let Some(rt) = rt {
+        rt.shutdown_timeout(Duration::from_secs(10));
+    }
     Ok(Round {
         rate: latencies.len() as f64 / elapsed.as_secs_f64(),
         peak_threads: sampler.finish(),
@@ -235,6 +254,7 @@ fn main() -> AnyResult {
     let next = Arc::new(AtomicU64::new(0));
     let modes = [
         Mode::Threads,
+        Mode::Threads256,
         Mode::TasksBlocking,
         Mode::SpawnBlocking,
         Mode::Async,
@@ -289,15 +309,22 @@ fn main() -> AnyResult {
     println!("|---|---|---|---|---|---|---|");
     for (mode, r) in rows.iter_mut() {
         r.latencies.sort();
+        let latency = |q: f64| {
+            if *mode == Mode::TasksBlocking {
+                "-".to_string()
+            } else {
+                format!("{:.2} ms", quantile(&r.latencies, q).as_secs_f64() * 1e3)
+            }
+        };
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.2} ms | {:.2} ms |",
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
             mode.label(),
             r.rate,
             r.rate / base,
             r.rate / threads16,
             r.peak_threads,
-            quantile(&r.latencies, 0.5).as_secs_f64() * 1e3,
-            quantile(&r.latencies, 0.99).as_secs_f64() * 1e3,
+            latency(0.5),
+            latency(0.99),
         );
     }
     Ok(())

@@ -20,15 +20,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/postgres.rs"]
+mod pg_server;
 #[path = "../tests/common/sinks.rs"]
 mod sinks;
+use pg_server::Postgres;
 
 use outboxkv::sink::nats::{NatsOptions, NatsSink, StreamSetup};
 use outboxkv::{Durability, Event, Store, Table};
@@ -371,44 +373,6 @@ fn run_case(case: &Case, dir: &Path, pg: Option<&str>, duration: Duration) -> An
         disk_bytes: dir_size(&data_dir),
         peak_rss_bytes: peak_rss(),
     })
-}
-
-/// A PostgreSQL server from scripts/postgres.sh, stopped on drop.
-struct Postgres {
-    dir: tempfile::TempDir,
-    conn: String,
-}
-
-impl Postgres {
-    fn start() -> AnyResult<Postgres> {
-        let dir = tempfile::tempdir()?;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .arg(dir.path())
-            .output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "scripts/postgres.sh start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-            .into());
-        }
-        let conn = String::from_utf8(out.stdout)?.trim().to_string();
-        Ok(Postgres { dir, conn })
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
-        let _ = Command::new("bash")
-            .arg(&script)
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 /// End to end: commit-to-broker-ack latency at a steady `rate` for `secs`,

@@ -277,18 +277,16 @@ fn commit_async_reports_conflicts_and_write_async_retries_them() -> TestResult {
         store
             .write_async(|tx| {
                 runs += 1;
+                if runs == 2 {
+                    // Only the other commit's write was slow: the retry
+                    // runs once that write is visible, so it is done.
+                    store.delay_at(Failpoint::CommitWrite, Duration::ZERO);
+                }
                 let n = tx.get_for_update(&COUNTERS, "c")?.unwrap_or(0);
                 if runs == 1 {
                     let mut o = store.begin();
                     o.put(&COUNTERS, "c", &(n + 10))?;
                     other = Some(o.commit_async());
-                    // Only this commit's write is slow: the delay is
-                    // lifted once the lead commit thread is in it.
-                    let s = store.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(100));
-                        s.delay_at(Failpoint::CommitWrite, Duration::ZERO);
-                    });
                 }
                 tx.put(&COUNTERS, "c", &(n + 1))
             })

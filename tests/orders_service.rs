@@ -86,6 +86,19 @@ fn http(
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").ok_or("no header end")?;
+    // Bodies come whole, with their length (never chunked).
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+    if body.len() != length {
+        return Err(format!("body of {} bytes, Content-Length {length}", body.len()).into());
+    }
     let status = head.split_whitespace().nth(1).ok_or("no status")?.parse()?;
     Ok((status, body.to_string()))
 }
@@ -149,14 +162,29 @@ fn orders_service_end_to_end() -> TestResult {
         )?,
         get(&format!("/customers/{}/orders", "a".repeat(101)))?,
         get("/no/such/route")?,
+        get("/orders")?, // POST only
+        http(addr, "DELETE", &format!("/orders/{id1}"), None)?,
+        get("/orders/%FF")?, // not UTF-8
+        get("/orders/+5")?,
+        post(
+            "/orders",
+            &format!(
+                r#"{{"customer":"ann","total_cents":1,"pad":"{}"}}"#,
+                "x".repeat(70_000)
+            ),
+        )?,
     ];
     let statuses: Vec<u16> = errors.iter().map(|(s, _)| *s).collect();
     assert_eq!(
         statuses,
         [
-            409, 409, 404, 404, 400, 400, 400, 400, 422, 400, 422, 400, 404
+            409, 409, 404, 404, 400, 400, 400, 400, 422, 400, 422, 400, 404, 405, 405, 400, 400,
+            413
         ]
     );
+    // The refused transitions changed nothing.
+    let (_, body) = get(&format!("/orders/{id2}"))?;
+    assert_eq!(json_of(&body)?["status"], "created");
     for (_, body) in &errors {
         let e = json_of(body)?;
         assert!(e["error"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
@@ -199,9 +227,17 @@ fn orders_service_end_to_end() -> TestResult {
             .map(|v| v.into_iter().flatten().collect())
     })?;
     let mut unique = created.clone();
+    unique.extend([id1, id2, id3]);
     unique.sort_unstable();
     unique.dedup();
-    assert_eq!(unique.len(), 320);
+    assert_eq!(unique.len(), 323, "ids are unique");
+    // The index has every concurrent order under its customer.
+    for t in 0..16 {
+        let (status, body) = get(&format!("/customers/c{t}/orders"))?;
+        assert_eq!(status, 200);
+        let listed = json_of(&body)?.as_array().map_or(0, Vec::len);
+        assert_eq!(listed, 20, "customer c{t}: {body}");
+    }
 
     let (status, health) = get("/healthz")?;
     assert_eq!(status, 200, "{health}");

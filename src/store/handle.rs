@@ -57,6 +57,10 @@ pub struct Store {
 /// threads (started by the first async commit) hold `Inner` themselves, so
 /// the database closes only after they stopped, on the thread that drops
 /// the last `Store`: a reopen right after that finds the store closed.
+/// (One exception: if an executor drops the last `Store` inside a waker that
+/// a commit thread runs, that thread cannot wait for itself; the threads
+/// then stop by themselves and the database closes on one of them, a
+/// moment later.)
 pub(crate) struct Handle {
     inner: Arc<Inner>,
 }

@@ -18,9 +18,13 @@
 //! The leader seals each commit's entries with their seqs (a few fixed-width
 //! fields and a CRC combination per entry) when it builds the group's write.
 //!
-//! One committer at a time is the *leader*: it takes the whole queue, merges
-//! the batches into one RocksDB write (without fsync), then hands leadership
-//! to the first commit that queued up meanwhile. Because groups are written
+//! One committer at a time is the *leader*: it takes the queue (up to about
+//! `GROUP_BYTES` of it), merges the batches into one RocksDB write (without
+//! fsync), writes what queued up meanwhile the same way for a few rounds,
+//! then hands leadership to the first commit still queued. Async commits
+//! never lead: their roles go to the store's commit threads (`driver`),
+//! whose lead thread keeps leading while commits queue (it has no fsync to
+//! run and no commit of its own to go back to). Because groups are written
 //! strictly in queue order, outbox seqs become visible in commit order
 //! without gaps: whoever sees seq N sees every seq below it.
 //!
