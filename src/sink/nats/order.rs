@@ -179,7 +179,7 @@ impl KeyOrder {
                 if e.key.is_empty() {
                     return None;
                 }
-                let key = self.hash(&e.key);
+                let key = self.hash(e.id.store, &e.key);
                 let mine = Arc::new(Turn {
                     seq: e.seq,
                     ..Turn::default()
@@ -204,8 +204,14 @@ impl KeyOrder {
         (Call { order: self }, tickets)
     }
 
-    fn hash(&self, key: &str) -> u64 {
-        self.hasher.hash_one(key)
+    /// The line of `key` of the store `store`: each store (each relay
+    /// sharing the sink) has lines of its own, because seqs are compared
+    /// in a line, and the seqs of two stores have nothing to do with each
+    /// other. (One line per key for every store let an entry of one store
+    /// with a higher seq stand between two entries of the same key of
+    /// another: the later one then did not wait for the earlier.)
+    fn hash(&self, store: crate::StoreId, key: &str) -> u64 {
+        self.hasher.hash_one((store, key))
     }
 
     /// Keys in line now (for tests).
@@ -222,16 +228,18 @@ mod tests {
 
     /// Entries of `keys`, seqs from `first` on.
     fn entries(first: u64, keys: &[&str]) -> Vec<OutboxEntry> {
+        entries_of(StoreId([1; 16]), first, keys)
+    }
+
+    /// The same, of the store `store`.
+    fn entries_of(store: StoreId, first: u64, keys: &[&str]) -> Vec<OutboxEntry> {
         keys.iter()
             .enumerate()
             .map(|(i, k)| {
                 let seq = first + i as u64;
                 OutboxEntry {
                     seq,
-                    id: EventId {
-                        store: StoreId([1; 16]),
-                        seq,
-                    },
+                    id: EventId { store, seq },
                     event_type: "t".into(),
                     key: (*k).into(),
                     content_type: String::new(),
@@ -258,6 +266,31 @@ mod tests {
         // b failed in call 1: call 2's b sees it.
         t1[1].take().unwrap().resolve(false);
         assert_eq!(t2[2].as_ref().unwrap().prev().unwrap().done(), Some(false));
+    }
+
+    /// Two relays share the sink: store A's seq 370 of key k is in flight,
+    /// store B's seq 2500 of k comes in line, then A's seq 2347 of k. A's
+    /// 2347 must wait for A's 370 (B's higher seq says nothing about A's
+    /// order).
+    #[test]
+    fn a_key_of_one_store_waits_for_its_own_entry_whatever_another_store_sent() {
+        let order = KeyOrder::default();
+        let (a, b) = (StoreId([1; 16]), StoreId([2; 16]));
+        let (_c1, mut t1) = order.enter(&entries_of(a, 370, &["k"]));
+        let (_c2, t2) = order.enter(&entries_of(b, 2500, &["k"]));
+        let (_c3, t3) = order.enter(&entries_of(a, 2347, &["k"]));
+        assert!(
+            t2[0].as_ref().unwrap().prev().is_none(),
+            "B's k has no earlier entry"
+        );
+        let waits_for = t3[0].as_ref().unwrap().prev().expect("A's 2347 waits");
+        assert_eq!(waits_for.done(), None);
+        t1[0].take().unwrap().resolve(false);
+        assert_eq!(
+            waits_for.done(),
+            Some(false),
+            "it is A's 370: held back with it"
+        );
     }
 
     #[test]
