@@ -5,7 +5,9 @@
 //! reconnect. So an entry of a key is handed to the client only once the
 //! previous entry of that key, in this publish call or an earlier one still
 //! in flight, is acknowledged; if that one failed (or was held back, or
-//! refused), the entry is held back too.
+//! refused), the entry is held back too. Relays sharing the sink share
+//! the lines: an entry waits for the entry before it in its key's line
+//! whatever its store (seqs are only compared within one store).
 //!
 //! Each publish call takes its places in line when it is made (in seq
 //! order: see [`Sink::max_concurrent_publishes`](crate::relay::Sink)), one
@@ -13,10 +15,10 @@
 //! acknowledged or fails, and as failed when it is dropped unresolved (a
 //! publish dropped half-way). The line forgets a key once its last entry is
 //! acknowledged; a failed one stays, so that every later entry of its key
-//! is held back. Only an entry with a lower seq is waited for: the relay
-//! publishes again from the first failed entry once nothing it sent is in
-//! flight any more, so an entry in line at or above one's own seq is an
-//! earlier attempt (or an entry of another relay sharing the sink). The
+//! is held back. An entry of its own store with a seq at or above one's own
+//! is not waited for: the relay publishes again from the first failed entry
+//! once nothing it sent is in flight any more, so such an entry is an
+//! earlier attempt. An entry of another store always is (see `enter`). The
 //! line is emptied when a call is made while no other is in flight (by
 //! then the relay has taken in every outcome and publishes again from its
 //! first failed entry, so nothing earlier is left to wait for).
@@ -57,6 +59,9 @@ struct State {
 pub(super) struct Turn {
     /// The entry's seq.
     seq: u64,
+    /// The store of its event id (usually the store whose outbox holds it;
+    /// entries a checkpoint copy took over keep the original's).
+    store: Option<crate::StoreId>,
     state: AtomicU8,
     notify: Notify,
 }
@@ -179,20 +184,25 @@ impl KeyOrder {
                 if e.key.is_empty() {
                     return None;
                 }
-                let key = self.hash(e.id.store, &e.key);
+                let key = self.hash(&e.key);
                 let mine = Arc::new(Turn {
                     seq: e.seq,
+                    store: Some(e.id.store),
                     ..Turn::default()
                 });
-                // Only an entry with a lower seq comes before this one. One
-                // at or above it is an earlier attempt (this entry sent
-                // again after a failure, from the first that failed, once
-                // nothing of that relay was in flight any more), or an entry
-                // of another relay sharing the sink: not one to wait for.
+                // The entry waits for the one before it in line, except an
+                // entry of its own store at or above its seq: that is an
+                // earlier attempt (this entry sent again after a failure,
+                // from the first that failed, once nothing of that relay
+                // was in flight any more). Seqs of two stores say nothing
+                // of each other: an entry of another store (another relay
+                // sharing the sink, or an entry a checkpoint copy took
+                // over) is always waited for, which keeps the chain of
+                // each key whole at the cost of some latency.
                 let prev = s
                     .last
                     .insert(key, mine.clone())
-                    .filter(|prev| prev.seq < e.seq);
+                    .filter(|prev| prev.seq < e.seq || prev.store != Some(e.id.store));
                 Some(Ticket {
                     order: self,
                     key,
@@ -204,14 +214,8 @@ impl KeyOrder {
         (Call { order: self }, tickets)
     }
 
-    /// The line of `key` of the store `store`: each store (each relay
-    /// sharing the sink) has lines of its own, because seqs are compared
-    /// in a line, and the seqs of two stores have nothing to do with each
-    /// other. (One line per key for every store let an entry of one store
-    /// with a higher seq stand between two entries of the same key of
-    /// another: the later one then did not wait for the earlier.)
-    fn hash(&self, store: crate::StoreId, key: &str) -> u64 {
-        self.hasher.hash_one((store, key))
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Keys in line now (for tests).
@@ -276,21 +280,32 @@ mod tests {
     fn a_key_of_one_store_waits_for_its_own_entry_whatever_another_store_sent() {
         let order = KeyOrder::default();
         let (a, b) = (StoreId([1; 16]), StoreId([2; 16]));
-        let (_c1, mut t1) = order.enter(&entries_of(a, 370, &["k"]));
+        let (_c1, _t1) = order.enter(&entries_of(a, 370, &["k"]));
         let (_c2, t2) = order.enter(&entries_of(b, 2500, &["k"]));
         let (_c3, t3) = order.enter(&entries_of(a, 2347, &["k"]));
-        assert!(
-            t2[0].as_ref().unwrap().prev().is_none(),
-            "B's k has no earlier entry"
-        );
-        let waits_for = t3[0].as_ref().unwrap().prev().expect("A's 2347 waits");
+        // The chain of k stays whole: A's 2347 waits for B's 2500, which
+        // waits for A's 370 (with the old per-key filter on seqs alone,
+        // A's 2347 waited for nothing).
+        let b_waits = t2[0].as_ref().unwrap().prev().expect("B's 2500 waits");
+        assert_eq!((b_waits.seq, b_waits.store), (370, Some(a)));
+        let a_waits = t3[0].as_ref().unwrap().prev().expect("A's 2347 waits");
+        assert_eq!((a_waits.seq, a_waits.store), (2500, Some(b)));
+    }
+
+    #[test]
+    fn entries_of_two_id_stores_in_one_outbox_keep_their_order() {
+        let order = KeyOrder::default();
+        let (old, new) = (StoreId([1; 16]), StoreId([2; 16]));
+        let (_c, mut t) =
+            order.enter(&[entries_of(old, 100, &["k"]), entries_of(new, 101, &["k"])].concat());
+        let waits_for = t[1]
+            .as_ref()
+            .unwrap()
+            .prev_turn()
+            .expect("101 waits for 100");
         assert_eq!(waits_for.done(), None);
-        t1[0].take().unwrap().resolve(false);
-        assert_eq!(
-            waits_for.done(),
-            Some(false),
-            "it is A's 370: held back with it"
-        );
+        t[0].take().unwrap().resolve(true);
+        assert_eq!(waits_for.done(), Some(true));
     }
 
     #[test]
