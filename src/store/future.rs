@@ -154,7 +154,8 @@ impl Store {
     ///
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let dir = tempfile::tempdir()?;
-    /// let store = Store::open(dir.path())?;
+    /// // 100 tasks on one hot key: allow more retries than the default 16.
+    /// let store = Store::options().max_conflict_retries(10_000).open(dir.path())?;
     /// let runtime = tokio::runtime::Builder::new_multi_thread()
     ///     .worker_threads(2)
     ///     .build()?;
