@@ -539,17 +539,24 @@ impl<'s> WriteTx<'s> {
     /// [`Error::TooLarge`] past
     /// [`max_transaction_bytes`](crate::StoreOptions::max_transaction_bytes).
     pub fn commit(self) -> Result<Committed<()>> {
+        let (staged, reader, reads) = self.into_parts();
+        staged.commit(reader, &reads)
+    }
+
+    /// What a commit needs of the transaction: its staged writes, its
+    /// reader registration and the keys it read. The RocksDB snapshot is
+    /// not needed any more (dropped here); the registration is.
+    fn into_parts(self) -> (Staged<'s>, Option<Registration<'s>>, Vec<ReadRecord>) {
         let WriteTx {
             staged,
             view,
             reads,
         } = self;
-        // The RocksDB snapshot is not needed any more; the registration is.
         let reader = view.map(|(snapshot, reader)| {
             drop(snapshot);
             reader
         });
-        staged.commit(reader, &reads)
+        (staged, reader, reads)
     }
 
     /// [`commit`](WriteTx::commit) for async code: validates and orders
@@ -559,15 +566,7 @@ impl<'s> WriteTx<'s> {
     /// conflict ([`Store::write_async`] retries). See [`CommitFuture`] for
     /// what dropping it does.
     pub fn commit_async(self) -> CommitFuture {
-        let WriteTx {
-            staged,
-            view,
-            reads,
-        } = self;
-        let reader = view.map(|(snapshot, reader)| {
-            drop(snapshot);
-            reader
-        });
+        let (staged, reader, reads) = self.into_parts();
         staged.commit_async(reader, &reads)
     }
 }

@@ -338,19 +338,30 @@ impl Pipeline {
         failure.into()
     }
 
-    pub(crate) fn commit(&self, inner: &Inner, req: Request<'_>) -> Result<Assigned> {
+    /// Takes the state lock and orders `req` ([`Pipeline::order`]); on
+    /// refusal, releases the lock before freeing the request and rendering
+    /// the error.
+    fn order_locked<'p>(
+        &'p self,
+        inner: &Inner,
+        req: Request<'_>,
+    ) -> Result<(MutexGuard<'p, State>, Pending, Range<u64>)> {
         let reads = req.reads;
         let mut st = self.state.lock();
-        let (pending, seqs) = match self.order(inner, &mut st, req) {
-            Ok(ordered) => ordered,
+        match self.order(inner, &mut st, req) {
+            Ok((pending, seqs)) => Ok((st, pending, seqs)),
             Err((refused, req)) => {
                 drop(st);
                 // A refused commit's batch and entries are freed here, not
                 // under the lock.
                 drop(req);
-                return Err(refused.into_error(reads));
+                Err(refused.into_error(reads))
             }
-        };
+        }
+    }
+
+    pub(crate) fn commit(&self, inner: &Inner, req: Request<'_>) -> Result<Assigned> {
+        let (mut st, pending, seqs) = self.order_locked(inner, req)?;
         let outcome = if !st.leader {
             st.leader = true;
             let mut group = std::mem::take(&mut st.spare);
@@ -386,16 +397,7 @@ impl Pipeline {
         req: Request<'_>,
     ) -> Result<(SlotWait, Range<u64>)> {
         self.drivers.start(inner)?;
-        let reads = req.reads;
-        let mut st = self.state.lock();
-        let (pending, seqs) = match self.order(inner, &mut st, req) {
-            Ok(ordered) => ordered,
-            Err((refused, req)) => {
-                drop(st);
-                drop(req);
-                return Err(refused.into_error(reads));
-            }
-        };
+        let (mut st, pending, seqs) = self.order_locked(inner, req)?;
         let slot = Slot::new(Waiter::Task);
         st.queue.push(Pending {
             slot: Some(slot.clone()),
