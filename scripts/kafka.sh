@@ -39,10 +39,21 @@ usage() {
     exit 2
 }
 
+# Several tests may start brokers at once on a machine that has no Kafka
+# yet: one fetches, the others wait for it (the lock is held only by the
+# subshell, never by a broker started afterwards).
 fetch() {
     if [ -f "$KAFKA_HOME/.complete" ]; then
         return 0
     fi
+    mkdir -p "$(dirname "$KAFKA_HOME")"
+    (
+        flock 9
+        [ -f "$KAFKA_HOME/.complete" ] || fetch_now
+    ) 9>"$KAFKA_HOME.lock" || exit 1
+}
+
+fetch_now() {
     command -v mvn >/dev/null 2>&1 || { echo "error: Maven (mvn) is not installed (run scripts/env.sh)" >&2; exit 1; }
     mkdir -p "$KAFKA_HOME"
     cat >"$KAFKA_HOME/pom.xml" <<EOF

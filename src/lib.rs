@@ -97,9 +97,12 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+#[cfg(any(feature = "nats", feature = "kafka"))]
+pub mod broker;
 #[cfg(feature = "config")]
 pub mod config;
 mod error;
+pub mod inbox;
 mod invariant;
 mod outbox;
 pub mod redact;
@@ -132,6 +135,7 @@ pub use store::engine::medium::{Failpoint, Fault};
 /// `docs/design.md`).
 #[doc(hidden)]
 pub mod codec {
+    pub use crate::inbox::message::decode_cloudevent;
     pub use crate::outbox::cursor::{CURSOR_MAGIC, CURSOR_VERSION, MAX_DEAD};
     pub use crate::outbox::dead::{DeadLetterDecodeError, decode_dead_letter};
     pub use crate::outbox::entry::{EntryDecodeError, decode_entry};

@@ -172,7 +172,7 @@ where
     R: KeyRange<K>,
 {
     let mut prefix = Vec::new();
-    table_prefix(table.name(), &mut prefix)?;
+    table_prefix(table, &mut prefix)?;
     let mut lower = prefix.clone();
     match range.start() {
         Bound::Included(k) => k.encode_key(&mut lower),
@@ -212,7 +212,7 @@ where
     P: KeyPrefix<K>,
 {
     let mut lower = Vec::new();
-    table_prefix(table.name(), &mut lower)?;
+    table_prefix(table, &mut lower)?;
     let table_len = lower.len();
     prefix.encode_prefix(&mut lower);
     let upper = successor(&lower);

@@ -17,7 +17,9 @@ pub const MAX_TABLE_NAME: usize = 64;
 /// registration and can be added by a new release without a migration.
 ///
 /// Names are 1 to 64 bytes of ASCII letters, digits, `_`, `-` and `.`; a
-/// bad name is reported as [`Error::InvalidTableName`] on first use.
+/// bad name is reported as [`Error::InvalidTableName`] on first use. Names
+/// starting with `outboxkv.` are reserved for the store's own tables (the
+/// inbox's positions and dead letters).
 ///
 /// ```
 /// use outboxkv::Table;
@@ -29,6 +31,8 @@ pub const MAX_TABLE_NAME: usize = 64;
 /// ```
 pub struct Table<K: Key + ?Sized, V> {
     name: &'static str,
+    /// One of the store's own tables (name under [`RESERVED_PREFIX`]).
+    reserved: bool,
     _types: PhantomData<fn(&K) -> V>,
 }
 
@@ -37,6 +41,18 @@ impl<K: Key + ?Sized, V> Table<K, V> {
     pub const fn new(name: &'static str) -> Self {
         Table {
             name,
+            reserved: false,
+            _types: PhantomData,
+        }
+    }
+
+    /// One of the store's own tables; its name must start with
+    /// [`RESERVED_PREFIX`].
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
+    pub(crate) const fn reserved(name: &'static str) -> Self {
+        Table {
+            name,
+            reserved: true,
             _types: PhantomData,
         }
     }
@@ -61,8 +77,10 @@ impl<K: Key + ?Sized, V> fmt::Debug for Table<K, V> {
     }
 }
 
-/// Checks a table name against the naming rules.
-pub fn validate_table_name(name: &str) -> Result<()> {
+/// The prefix of the store's own table names, which user tables may not use.
+pub const RESERVED_PREFIX: &str = "outboxkv.";
+
+fn check_name(name: &str, reserved: bool) -> Result<()> {
     let reason = if name.is_empty() {
         "must not be empty"
     } else if name.len() > MAX_TABLE_NAME {
@@ -72,6 +90,8 @@ pub fn validate_table_name(name: &str) -> Result<()> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
     {
         "may only contain ASCII letters, digits, '_', '-' and '.'"
+    } else if name.starts_with(RESERVED_PREFIX) != reserved {
+        "names starting with \"outboxkv.\" are reserved for the store's own tables"
     } else {
         return Ok(());
     };
@@ -82,8 +102,12 @@ pub fn validate_table_name(name: &str) -> Result<()> {
 }
 
 /// Writes the table prefix (`name` + `0x00`) into `out`, after checking the name.
-pub(crate) fn table_prefix(name: &str, out: &mut Vec<u8>) -> Result<()> {
-    validate_table_name(name)?;
+pub(crate) fn table_prefix<K: Key + ?Sized, V>(
+    table: &Table<K, V>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let name = table.name;
+    check_name(name, table.reserved)?;
     out.extend_from_slice(name.as_bytes());
     out.push(0);
     Ok(())
@@ -92,7 +116,7 @@ pub(crate) fn table_prefix(name: &str, out: &mut Vec<u8>) -> Result<()> {
 /// The full stored key of `key` in `table`: prefix then key encoding.
 pub(crate) fn full_key<K: Key + ?Sized, V>(table: &Table<K, V>, key: &K) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(table.name.len() + 17);
-    table_prefix(table.name, &mut out)?;
+    table_prefix(table, &mut out)?;
     key.encode_key(&mut out);
     Ok(out)
 }
@@ -103,13 +127,17 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(validate_table_name("orders.by_customer-2").is_ok());
-        for bad in ["", "has space", "nul\0", "é", &"x".repeat(65)] {
+        assert!(check_name("orders.by_customer-2", false).is_ok());
+        for bad in [
+            "",
+            "has space",
+            "nul\0",
+            "é",
+            &"x".repeat(65),
+            "outboxkv.inbox",
+        ] {
             assert!(
-                matches!(
-                    validate_table_name(bad),
-                    Err(Error::InvalidTableName { .. })
-                ),
+                matches!(check_name(bad, false), Err(Error::InvalidTableName { .. })),
                 "{bad:?}"
             );
         }

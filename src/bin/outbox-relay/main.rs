@@ -16,6 +16,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod inbox;
 mod ops;
 mod run;
 mod serve;
@@ -82,6 +83,11 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// A consumer's inbox: positions, dead letters, replays.
+    Inbox {
+        #[command(subcommand)]
+        command: inbox::InboxCommand,
     },
 }
 
@@ -242,6 +248,11 @@ fn main() -> ExitCode {
             DlqCommand::List { db, json, limit } => ops::dlq_list(&db, json, limit),
             DlqCommand::Replay(sel) => ops::dlq_replay(&sel),
             DlqCommand::Purge(sel) => ops::dlq_purge(&sel),
+        },
+        Command::Inbox { command } => match command {
+            inbox::InboxCommand::List(w) => inbox::list(&w),
+            inbox::InboxCommand::Replay(sel) => inbox::replay(&sel),
+            inbox::InboxCommand::Purge(sel) => inbox::purge(&sel),
         },
     };
     match result {

@@ -116,6 +116,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::Producer;
 use std::sync::Arc;
 
+use crate::broker::kafka::client_error;
 use crate::error::{Error, Result};
 use context::{LastError, SinkProducer};
 use publish::TopicLimits;
@@ -174,16 +175,24 @@ impl KafkaSink {
     /// request, 10 s). Fails with [`Error::Broker`] otherwise.
     pub async fn connect(opts: KafkaOptions) -> Result<KafkaSink> {
         let last_error = LastError::default();
-        let producer = opts
-            .create_producer(&last_error, None)
-            .map_err(|e| broker(format!("create producer for {}: {e}", opts.bootstrap)))?;
-        let admin: AdminClient<DefaultClientContext> = opts
-            .client_config()
-            .create()
-            .map_err(|e| broker(format!("create admin client for {}: {e}", opts.bootstrap)))?;
+        let producer = opts.create_producer(&last_error, None).map_err(|e| {
+            broker(format!(
+                "create producer for {}: {}",
+                opts.conn.bootstrap,
+                client_error(&e)
+            ))
+        })?;
+        let admin: AdminClient<DefaultClientContext> =
+            opts.client_config().create().map_err(|e| {
+                broker(format!(
+                    "create admin client for {}: {}",
+                    opts.conn.bootstrap,
+                    client_error(&e)
+                ))
+            })?;
         let producer = Arc::new(producer);
         let p = producer.clone();
-        let bootstrap = opts.bootstrap.clone();
+        let bootstrap = opts.conn.bootstrap.clone();
         let reported = last_error.clone();
         tokio::task::spawn_blocking(move || {
             p.client()

@@ -1,10 +1,11 @@
 //! [`KafkaOptions`]: the sink's settings and the librdkafka configuration
 //! they become.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+
+use crate::broker::kafka::KafkaConnection;
 
 use super::context::{LastError, SinkContext, SinkProducer};
 
@@ -24,7 +25,7 @@ use super::KafkaSink;
 #[derive(Clone)]
 #[must_use]
 pub struct KafkaOptions {
-    pub(super) bootstrap: String,
+    pub(super) conn: KafkaConnection,
     pub(super) template: String,
     pub(super) partitioner: String,
     pub(super) window: usize,
@@ -33,7 +34,6 @@ pub struct KafkaOptions {
     pub(super) restart_span: u64,
     pub(super) restart_scan_limit: u64,
     pub(super) scan_without_read: bool,
-    pub(super) extra: BTreeMap<String, String>,
 }
 
 /// Secret settings (`sasl.password`, `ssl.key.password`, ...) show as
@@ -41,7 +41,7 @@ pub struct KafkaOptions {
 impl std::fmt::Debug for KafkaOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaOptions")
-            .field("bootstrap", &self.bootstrap)
+            .field("conn", &self.conn)
             .field("template", &self.template)
             .field("partitioner", &self.partitioner)
             .field("window", &self.window)
@@ -50,7 +50,6 @@ impl std::fmt::Debug for KafkaOptions {
             .field("restart_span", &self.restart_span)
             .field("restart_scan_limit", &self.restart_scan_limit)
             .field("scan_without_read", &self.scan_without_read)
-            .field("extra", &crate::redact::redact_settings(&self.extra))
             .finish()
     }
 }
@@ -58,8 +57,14 @@ impl std::fmt::Debug for KafkaOptions {
 impl KafkaOptions {
     /// Options for the brokers at `bootstrap` (`host:port[,host:port...]`).
     pub fn new(bootstrap: impl Into<String>) -> KafkaOptions {
+        KafkaOptions::with_connection(KafkaConnection::new(bootstrap))
+    }
+
+    /// Options for the brokers and client settings of `conn` (the same
+    /// [`KafkaConnection`] an inbox reader of these brokers takes).
+    pub fn with_connection(conn: KafkaConnection) -> KafkaOptions {
         KafkaOptions {
-            bootstrap: bootstrap.into(),
+            conn,
             template: "{type}".into(),
             partitioner: "murmur2_random".into(),
             window: 10_000,
@@ -68,7 +73,6 @@ impl KafkaOptions {
             restart_span: 10_000,
             restart_scan_limit: 100_000,
             scan_without_read: false,
-            extra: BTreeMap::new(),
         }
     }
 
@@ -149,7 +153,7 @@ impl KafkaOptions {
     /// here. Settings the sink depends on (`enable.idempotence`, `acks`)
     /// cannot be overridden.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.extra.insert(key.into(), value.into());
+        self.conn = self.conn.set(key, value);
         self
     }
 
@@ -165,12 +169,7 @@ impl KafkaOptions {
     }
 
     pub(super) fn client_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        for (k, v) in &self.extra {
-            c.set(k, v);
-        }
-        c.set("bootstrap.servers", &self.bootstrap);
-        c
+        self.conn.client_config()
     }
 
     pub(super) fn producer_config(&self, batch_cap: Option<usize>) -> ClientConfig {
@@ -179,7 +178,8 @@ impl KafkaOptions {
             // Below the smallest `max.message.bytes` of the topics written
             // (see "Order" in the module documentation).
             let asked = self
-                .extra
+                .conn
+                .settings
                 .get("batch.size")
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(1_000_000);
@@ -193,12 +193,16 @@ impl KafkaOptions {
                     .map_or(0, |t| t.as_millis().max(1))
                     .to_string(),
             );
-        if !self.extra.contains_key("linger.ms") {
+        if !self.conn.settings.contains_key("linger.ms") {
             // The relay already hands over whole batches; librdkafka's own
             // 5 ms default would add that much to every batch's latency.
             c.set("linger.ms", "1");
         }
-        if !self.extra.contains_key("queue.buffering.max.messages") {
+        if !self
+            .conn
+            .settings
+            .contains_key("queue.buffering.max.messages")
+        {
             c.set(
                 "queue.buffering.max.messages",
                 (self.window * 2).max(1000).to_string(),

@@ -187,7 +187,8 @@ impl KafkaSink {
                     self.recovery.lock().due = self.opts.restart_dedup;
                 }
                 Err(e) => {
-                    tracing::error!(?code, %reason, error = %e, "Kafka producer hit a fatal error and could not be rebuilt");
+                    let error = crate::broker::kafka::client_error(&e);
+                    tracing::error!(?code, %reason, %error, "Kafka producer hit a fatal error and could not be rebuilt");
                 }
             }
         }
@@ -278,7 +279,10 @@ impl KafkaSink {
                 *self.producer.lock() = Arc::new(p);
                 self.limits.lock().cap = smallest;
             }
-            Err(e) => tracing::error!(error = %e, "could not rebuild the Kafka producer"),
+            Err(e) => {
+                let error = crate::broker::kafka::client_error(&e);
+                tracing::error!(%error, "could not rebuild the Kafka producer");
+            }
         }
         true
     }

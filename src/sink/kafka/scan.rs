@@ -183,9 +183,12 @@ fn scan(
         // oldest left, never jump to the end.
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_uncommitted");
-    let consumer: BaseConsumer = config
-        .create()
-        .map_err(|e| ScanError::Other(format!("create restart-scan consumer: {e}")))?;
+    let consumer: BaseConsumer = config.create().map_err(|e| {
+        ScanError::Other(format!(
+            "create restart-scan consumer: {}",
+            crate::broker::kafka::client_error(&e)
+        ))
+    })?;
     let mut found = HashMap::new();
     for topic in topics {
         let metadata = consumer
@@ -377,7 +380,9 @@ fn probe_read(config: &ClientConfig, topic: &str) -> std::result::Result<(), Str
         .set("group.id", "outboxkv-relay-restart-scan")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+    let consumer: BaseConsumer = config
+        .create()
+        .map_err(|e| crate::broker::kafka::client_error(&e))?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)

@@ -59,12 +59,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
-use async_nats::{ConnectErrorKind, HeaderMap};
 
 use super::cloudevents;
 use crate::OutboxEntry;
+use crate::broker::nats::NatsConnection;
 use crate::error::{Error, Result};
+#[cfg(test)]
 use crate::redact::{redact_url, scrub};
 use order::KeyOrder;
 
@@ -163,17 +165,13 @@ fn filter_matches(filter: &str, subject: &str) -> bool {
 #[derive(Clone)]
 #[must_use]
 pub struct NatsOptions {
-    url: String,
+    conn: NatsConnection,
     template: String,
     prefix: String,
     stream: Option<StreamSetup>,
     window: usize,
     ack_timeout: Duration,
     mode: ContentMode,
-    user: Option<(String, String)>,
-    token: Option<String>,
-    credentials: Option<PathBuf>,
-    root_ca: Option<PathBuf>,
 }
 
 /// Secrets are never printed: the password, the token, and any
@@ -181,17 +179,13 @@ pub struct NatsOptions {
 impl std::fmt::Debug for NatsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsOptions")
-            .field("url", &redact_url(&self.url))
+            .field("conn", &self.conn)
             .field("template", &self.template)
             .field("prefix", &self.prefix)
             .field("stream", &self.stream)
             .field("window", &self.window)
             .field("ack_timeout", &self.ack_timeout)
             .field("mode", &self.mode)
-            .field("user", &self.user.as_ref().map(|(u, _)| (u, "<redacted>")))
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("credentials", &self.credentials)
-            .field("root_ca", &self.root_ca)
             .finish()
     }
 }
@@ -199,18 +193,20 @@ impl std::fmt::Debug for NatsOptions {
 impl NatsOptions {
     /// Options for the server at `url` (e.g. `nats://127.0.0.1:4222`).
     pub fn new(url: impl Into<String>) -> NatsOptions {
+        NatsOptions::with_connection(NatsConnection::new(url))
+    }
+
+    /// Options for the server and credentials of `conn` (the same
+    /// [`NatsConnection`] an inbox reader of this server takes).
+    pub fn with_connection(conn: NatsConnection) -> NatsOptions {
         NatsOptions {
-            url: url.into(),
+            conn,
             template: "{prefix}.{type}".into(),
             prefix: "events".into(),
             stream: None,
             window: 1000,
             ack_timeout: Duration::from_secs(5),
             mode: ContentMode::Structured,
-            user: None,
-            token: None,
-            credentials: None,
-            root_ca: None,
         }
     }
 
@@ -262,25 +258,25 @@ impl NatsOptions {
         user: impl Into<String>,
         password: impl Into<String>,
     ) -> Self {
-        self.user = Some((user.into(), password.into()));
+        self.conn = self.conn.user_and_password(user, password);
         self
     }
 
     /// Authenticate with a token.
     pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
+        self.conn = self.conn.token(token);
         self
     }
 
     /// Authenticate with a credentials (`.creds`) file.
     pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.credentials = Some(path.into());
+        self.conn = self.conn.credentials_file(path);
         self
     }
 
     /// Trust this root CA (PEM) and require TLS.
     pub fn root_ca(mut self, path: impl Into<PathBuf>) -> Self {
-        self.root_ca = Some(path.into());
+        self.conn = self.conn.root_ca(path);
         self
     }
 
@@ -334,50 +330,8 @@ impl NatsSink {
     /// the template renders, or deduplicates over a shorter window than
     /// configured). Secrets never appear in it.
     pub async fn connect(opts: NatsOptions) -> Result<NatsSink> {
-        let url = redact_url(&opts.url);
-        let secrets = opts.secrets();
-        let broker = |message: String| Error::Broker {
-            sink: "nats".into(),
-            message: scrub(&message, &secrets),
-        };
-        // Attempts without the client's own background retries (a client
-        // that retries in the background returns at once, and each failed
-        // `connect` would leave one behind): refused credentials, a bad
-        // address or bad TLS fail at once; a server that is not up yet is
-        // tried again for up to 10 s (a sidecar's caller retries longer).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let client = loop {
-            let attempt = tokio::time::timeout(
-                Duration::from_secs(5),
-                Self::connect_options(&opts)
-                    .await?
-                    .connect(opts.url.as_str()),
-            )
-            .await;
-            match attempt {
-                Ok(Ok(client)) => break client,
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        ConnectErrorKind::AuthorizationViolation
-                            | ConnectErrorKind::Authentication
-                            | ConnectErrorKind::ServerParse
-                            | ConnectErrorKind::Tls
-                    ) =>
-                {
-                    return Err(broker(format!("refused: connect to {url}: {e}")));
-                }
-                Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
-                    return Err(broker(format!("unreachable: connect to {url}: {e}")));
-                }
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    return Err(broker(format!(
-                        "unreachable: connecting to {url} timed out"
-                    )));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(250)).await,
-            }
-        };
+        let client = opts.conn.connect("outboxkv-relay", "nats").await?;
+        let broker = |message: String| opts.conn.error("nats", &message);
         let mut js = jetstream::new(client);
         js.set_timeout(opts.ack_timeout);
         if let Some(setup) = &opts.stream {
@@ -450,28 +404,6 @@ impl NatsSink {
         Ok(())
     }
 
-    async fn connect_options(opts: &NatsOptions) -> Result<async_nats::ConnectOptions> {
-        let mut connect = async_nats::ConnectOptions::new()
-            .name("outboxkv-relay")
-            .connection_timeout(Duration::from_secs(5));
-        if let Some((u, p)) = &opts.user {
-            connect = connect.user_and_password(u.clone(), p.clone());
-        }
-        if let Some(t) = &opts.token {
-            connect = connect.token(t.clone());
-        }
-        if let Some(c) = &opts.credentials {
-            connect = connect
-                .credentials_file(c)
-                .await
-                .map_err(|e| Error::io("read NATS credentials", c, e))?;
-        }
-        if let Some(ca) = &opts.root_ca {
-            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        Ok(connect)
-    }
-
     /// The JetStream context (for tests and tools).
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
@@ -508,27 +440,6 @@ impl NatsSink {
                 (h, bytes::Bytes::copy_from_slice(&entry.payload))
             }
         }
-    }
-}
-
-impl NatsOptions {
-    /// The secret strings of these options, to scrub from error texts.
-    fn secrets(&self) -> Vec<String> {
-        let mut s: Vec<String> = Vec::new();
-        if let Some((_, p)) = &self.user {
-            s.push(p.clone());
-        }
-        if let Some(t) = &self.token {
-            s.push(t.clone());
-        }
-        if let Some((_, rest)) = self.url.split_once("://")
-            && let Some((creds, _)) = rest.rsplit_once('@')
-        {
-            s.push(creds.to_string());
-            s.extend(creds.split(':').map(str::to_string));
-        }
-        s.retain(|x| x.len() >= 3);
-        s
     }
 }
 
@@ -599,7 +510,7 @@ mod tests {
         assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
         let text = scrub(
             "auth failed for alice:s3cret-pw token tok-en-123",
-            &o.secrets(),
+            &o.conn.secrets(),
         );
         assert!(
             !text.contains("s3cret-pw") && !text.contains("tok-en-123"),
