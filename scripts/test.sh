@@ -22,6 +22,8 @@ echo ">> Apache Kafka for the Kafka tests (fetched once, before tests start brok
 ./scripts/kafka.sh fetch
 echo ">> the CloudEvents SDK for Python, for the conformance tests (installed once)"
 ./scripts/cloudevents.sh python >/dev/null
+echo ">> examples (tests/saga.rs runs target/release/examples/saga, which cargo test does not place)"
+cargo build --release --all-features --examples
 echo ">> cargo test"
 cargo test --release --all-features --all-targets
 cargo test --release --all-features --doc

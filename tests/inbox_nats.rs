@@ -374,6 +374,26 @@ fn a_stuck_message_on_a_filtered_consumer_keeps_the_position_small() -> TestResu
         let most = *most.lock().map_err(|_| "poisoned")?;
         println!("a stuck message, {OURS} applied behind it: at most {most} ranges kept");
         assert!(most <= 8, "{most} ranges kept above the floor");
+        // Another filter for the same durable and positions is refused.
+        drop(reader);
+        let wider = NatsReaderOptions::new(NatsConnection::new(&server.url), "MIXED", "filtered")
+            .filter_subject("mixed.>");
+        match NatsReader::connect(inbox.clone(), wider).await {
+            Err(outboxkv::Error::InvalidArgument(m)) => assert!(m.contains("filter"), "{m}"),
+            other => panic!("a changed filter was accepted: {other:?}"),
+        }
+        // So is the durable recreated with the wider filter: the store
+        // remembers the one its positions were kept with.
+        js.get_stream("MIXED")
+            .await?
+            .delete_consumer("filtered")
+            .await?;
+        let wider = NatsReaderOptions::new(NatsConnection::new(&server.url), "MIXED", "filtered")
+            .filter_subject("mixed.>");
+        assert!(matches!(
+            NatsReader::connect(inbox.clone(), wider).await,
+            Err(outboxkv::Error::InvalidArgument(_))
+        ));
         Ok::<_, Box<dyn std::error::Error>>(())
     })
 }

@@ -22,23 +22,28 @@ fn example_binary() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let bin = profile_dir.join("examples").join("saga");
     if !bin.exists() {
         return Err(format!(
-            "{} is missing: build it with `cargo test --release --all-features --all-targets`",
+            "{} is missing: build it with `cargo build --release --all-features --examples`",
             bin.display()
         )
         .into());
     }
     // A stale binary would test old code: refuse one older than its sources.
     let built = std::fs::metadata(&bin)?.modified()?;
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/saga");
-    for entry in std::fs::read_dir(&sources)? {
-        let entry = entry?;
-        if entry.metadata()?.modified()? > built {
-            return Err(format!(
-                "{} is older than {}: rebuild it with `cargo test --release --all-features --all-targets`",
-                bin.display(),
-                entry.path().display()
-            )
-            .into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.join("examples/saga"), root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                dirs.push(entry.path());
+            } else if entry.metadata()?.modified()? > built {
+                return Err(format!(
+                    "{} is older than {}: rebuild it with `cargo build --release --all-features --examples`",
+                    bin.display(),
+                    entry.path().display()
+                )
+                .into());
+            }
         }
     }
     Ok(bin)

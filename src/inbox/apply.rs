@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::dead::{DEAD, InboxDeadLetter, REPLAY};
 use super::message::Message;
 use super::metrics::InboxMetrics;
-use super::position::{POSITIONS, Position, SEEN, Seen};
+use super::position::{FILTERS, POSITIONS, Position, SEEN, Seen};
 use super::tx::InboxTx;
 use crate::error::{Error, Result};
 use crate::outbox::entry::StoreId;
@@ -522,6 +522,38 @@ impl Inbox {
             },
             Err(e) if about_the_message(&e) => Err(Failed::Message { index: 0, error: e }),
             Err(e) => Err(Failed::Store(e)),
+        }
+    }
+
+    /// Records that `stream`'s positions are kept with subject filter
+    /// `filter`, or fails with [`Error::InvalidArgument`] when they were
+    /// kept with another one (the positions' ranges would skip the new
+    /// filter's messages in the old one's gaps).
+    #[cfg(feature = "nats")]
+    pub(crate) async fn pin_filter(&self, stream: &str, filter: &str) -> Result<()> {
+        let key = (self.shared.consumer.clone(), stream.to_string());
+        let pinned = self
+            .shared
+            .store
+            .write_async(|tx| {
+                tx.set_durability(Durability::Sync);
+                match tx.get_for_update(&FILTERS, &key)? {
+                    Some(f) => Ok(Some(f)),
+                    None => {
+                        tx.put(&FILTERS, &key, &filter.to_string())?;
+                        Ok(None)
+                    }
+                }
+            })
+            .await?
+            .value;
+        match pinned {
+            Some(f) if f != filter => Err(Error::InvalidArgument(format!(
+                "inbox {:?}: the positions of {stream:?} were kept with subject filter {f:?}, not {filter:?}; \
+                 a changed filter needs a new durable consumer name",
+                self.shared.consumer
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -114,11 +114,14 @@ pub(crate) struct InboxContext {
     failure: Arc<Mutex<Option<String>>>,
     /// Wakes [`KafkaReader::run`] when `failure` is set.
     wake: Arc<tokio::sync::Notify>,
+    /// Secret setting values, scrubbed from librdkafka's reports.
+    secrets: Vec<String>,
 }
 
 impl ClientContext for InboxContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "Kafka inbox client error");
+        let report = crate::broker::kafka::client_report(&error, reason, &self.secrets);
+        tracing::warn!(%report, "Kafka inbox client error");
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -264,12 +267,16 @@ impl KafkaReader {
                 inbox: inbox.clone(),
                 failure: failure.clone(),
                 wake: wake.clone(),
+                secrets: crate::broker::kafka::secrets_of(&config),
             })
             .map_err(|e| {
                 broker(format!(
                     "create consumer for {}: {}",
                     opts.conn.bootstrap,
-                    crate::broker::kafka::client_error(&e)
+                    crate::broker::kafka::client_error(
+                        &e,
+                        &crate::broker::kafka::secrets_of(&opts.conn.client_config())
+                    )
                 ))
             })?;
         let topics: Vec<&str> = opts.topics.iter().map(String::as_str).collect();
@@ -379,17 +386,7 @@ impl KafkaReader {
                 }
             }
             for ((topic, partition), offset) in back {
-                self.consumer
-                    .seek(
-                        topic,
-                        partition as i32,
-                        Offset::Offset(offset as i64),
-                        Duration::from_secs(10),
-                    )
-                    .map_err(|e| Error::Broker {
-                        sink: ROLE.into(),
-                        message: format!("seek {topic}/{partition} back to {offset}: {e}"),
-                    })?;
+                self.seek_back(topic, partition, offset)?;
             }
             for m in &batch {
                 self.unsettled.remove(&(m.stream.clone(), m.partition));
@@ -403,6 +400,39 @@ impl KafkaReader {
                 self.attempts.clear();
             }
         }
+    }
+
+    /// Seeks `topic`/`partition` back to `offset`. A partition that is not
+    /// fetching (revoked meanwhile, by a rebalance served while the batch
+    /// was taken, or assigned with its fetch not started) is left alone:
+    /// its fetch starts where the rebalance callback put it, the store's
+    /// position, which is at or below `offset`.
+    fn seek_back(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let Err(e) = self.consumer.seek(
+            topic,
+            partition as i32,
+            Offset::Offset(offset as i64),
+            Duration::from_secs(10),
+        ) else {
+            return Ok(());
+        };
+        let text = e.to_string();
+        let assigned = self
+            .consumer
+            .assignment()
+            .map(|a| a.find_partition(topic, partition as i32).is_some())
+            .unwrap_or(true);
+        if !assigned
+            || text.contains("Erroneous state")
+            || text.contains("Previous operation in progress")
+        {
+            tracing::debug!(%topic, partition, offset, error = %text, "Kafka inbox partition not fetching: not sought back");
+            return Ok(());
+        }
+        Err(Error::Broker {
+            sink: ROLE.into(),
+            message: format!("seek {topic}/{partition} back to {offset}: {text}"),
+        })
     }
 
     /// Seeks back the partitions of messages a failed run took and did
@@ -421,20 +451,11 @@ impl KafkaReader {
             if assigned.find_partition(&topic, partition as i32).is_none() {
                 continue;
             }
-            if let Err(e) = self.consumer.seek(
-                &topic,
-                partition as i32,
-                Offset::Offset(offset as i64),
-                Duration::from_secs(10),
-            ) {
+            if let Err(e) = self.seek_back(&topic, partition, offset) {
                 // Kept for the next call.
-                let message = format!("seek {topic}/{partition} back to {offset}: {e}");
                 self.unsettled.insert((topic, partition), offset);
                 self.unsettled.extend(pending);
-                return Err(Error::Broker {
-                    sink: ROLE.into(),
-                    message,
-                });
+                return Err(e);
             }
             tracing::debug!(%topic, partition, offset, "Kafka inbox resumes a partition after a failed run");
         }
@@ -463,6 +484,11 @@ fn take(
             sink: ROLE.into(),
             message: format!("receive: {e}"),
         }),
+        Err(e @ KafkaError::PartitionEOF(_)) => {
+            // Only with `enable.partition.eof`: nothing wrong.
+            tracing::trace!(error = %e, "Kafka inbox partition end");
+            Ok(None)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "Kafka inbox consumer error; waiting it out");
             Ok(None)

@@ -29,6 +29,13 @@
 //!   nothing is assumed across it.
 //! - One reader per durable and store at a time: two readers sharing a
 //!   durable split its deliveries, and each then sees gaps.
+//! - The filter is pinned: the store records the subject filter a
+//!   durable's positions were kept with, and [`NatsReader::connect`] fails
+//!   with [`Error::InvalidArgument`](crate::Error::InvalidArgument) for
+//!   another one (the ranges hold the old filter's gaps, where the new
+//!   one's messages would be skipped), and with `Error::Broker` when the
+//!   existing durable filters otherwise than the options ask. Another
+//!   filter needs another durable name.
 //!
 //! The position's partition is 0; its stream is `<stream>/<durable>` (the
 //! JetStream stream and durable consumer names, which cannot hold a `/`):
@@ -246,7 +253,10 @@ impl NatsReader {
             .get_stream(&opts.stream)
             .await
             .map_err(|e| err(format!("stream: {} : {e}", opts.stream)))?;
-        let start = inbox.position(&position_stream(&opts.stream, &opts.durable), 0)?;
+        let label = position_stream(&opts.stream, &opts.durable);
+        let filter = opts.filter.clone().unwrap_or_default();
+        inbox.pin_filter(&label, &filter).await?;
+        let start = inbox.position(&label, 0)?;
         let deliver_policy = match &start {
             Some(p) if p.next > 0 => consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: p.next,
@@ -273,6 +283,15 @@ impl NatsReader {
                     opts.durable, opts.stream
                 ))
             })?;
+        let config = &consumer.cached_info().config;
+        let theirs = config.filter_subject.clone();
+        if theirs != filter {
+            return Err(err(format!(
+                "consumer: {} on {} filters {theirs:?}, this reader asks {filter:?}; \
+                 use a new durable name for another filter",
+                opts.durable, opts.stream
+            )));
+        }
         let mut reader = NatsReader {
             inbox,
             opts,

@@ -9,6 +9,7 @@
 //! | `outboxkv.inbox.positions` | (consumer, stream, partition) | [`Position`] |
 //! | `outboxkv.inbox.seen` | (consumer, producing store id: 16 bytes) | [`Seen`] |
 //! | `outboxkv.inbox.dead` | (consumer, stream, partition, position) | [`InboxDeadLetter`](super::InboxDeadLetter) |
+//! | `outboxkv.inbox.filters` | (consumer, stream) | the JetStream filter subject the positions were kept with |
 //! | `outboxkv.inbox.replay` | (consumer, stream, partition, position) | [`InboxDeadLetter`](super::InboxDeadLetter) queued for replay |
 
 use serde::{Deserialize, Serialize};
@@ -190,6 +191,12 @@ impl Seen {
 /// Positions, per (consumer, stream, partition).
 pub(crate) const POSITIONS: Table<(String, String, u32), Position> =
     Table::reserved("outboxkv.inbox.positions");
+
+/// The subject filter a JetStream durable was read with, per (consumer,
+/// stream label): the positions' ranges hold that filter's gaps, so a
+/// reader with another filter is refused.
+pub(crate) const FILTERS: Table<(String, String), String> =
+    Table::reserved("outboxkv.inbox.filters");
 
 /// Producer windows, per (consumer, producing store id).
 pub(crate) const SEEN: Table<(String, Vec<u8>), Seen> = Table::reserved("outboxkv.inbox.seen");

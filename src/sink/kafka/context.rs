@@ -16,11 +16,14 @@ pub(super) type LastError = Arc<Mutex<Option<String>>>;
 /// request that fails meanwhile just says "broker transport failure").
 pub(super) struct SinkContext {
     pub(super) last_error: LastError,
+    /// Secret setting values, scrubbed from librdkafka's reports.
+    pub(super) secrets: Vec<String>,
 }
 
 impl ClientContext for SinkContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "Kafka client error");
-        *self.last_error.lock() = Some(format!("{error}: {reason}"));
+        let report = crate::broker::kafka::client_report(&error, reason, &self.secrets);
+        tracing::warn!(%report, "Kafka client error");
+        *self.last_error.lock() = Some(report);
     }
 }

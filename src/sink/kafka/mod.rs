@@ -116,7 +116,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::Producer;
 use std::sync::Arc;
 
-use crate::broker::kafka::client_error;
+use crate::broker::kafka::{client_error, secrets_of};
 use crate::error::{Error, Result};
 use context::{LastError, SinkProducer};
 use publish::TopicLimits;
@@ -179,7 +179,7 @@ impl KafkaSink {
             broker(format!(
                 "create producer for {}: {}",
                 opts.conn.bootstrap,
-                client_error(&e)
+                client_error(&e, &secrets_of(&opts.client_config()))
             ))
         })?;
         let admin: AdminClient<DefaultClientContext> =
@@ -187,7 +187,7 @@ impl KafkaSink {
                 broker(format!(
                     "create admin client for {}: {}",
                     opts.conn.bootstrap,
-                    client_error(&e)
+                    client_error(&e, &secrets_of(&opts.client_config()))
                 ))
             })?;
         let producer = Arc::new(producer);

@@ -230,10 +230,12 @@ impl KafkaOptions {
         last_error: &LastError,
         batch_cap: Option<usize>,
     ) -> rdkafka::error::KafkaResult<SinkProducer> {
-        self.producer_config(batch_cap)
-            .create_with_context(SinkContext {
-                last_error: last_error.clone(),
-            })
+        let config = self.producer_config(batch_cap);
+        let secrets = crate::broker::kafka::secrets_of(&config);
+        config.create_with_context(SinkContext {
+            last_error: last_error.clone(),
+            secrets,
+        })
     }
 }
 

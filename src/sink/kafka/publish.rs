@@ -182,12 +182,16 @@ impl KafkaSink {
             let cap = self.limits.lock().cap;
             match self.opts.create_producer(&LastError::default(), cap) {
                 Ok(p) => {
+                    let secrets = crate::broker::kafka::secrets_of(&self.opts.client_config());
+                    let reason = crate::redact::scrub(&reason, &secrets);
                     tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; rebuilt it");
                     *producer = Arc::new(p);
                     self.recovery.lock().due = self.opts.restart_dedup;
                 }
                 Err(e) => {
-                    let error = crate::broker::kafka::client_error(&e);
+                    let secrets = crate::broker::kafka::secrets_of(&self.opts.client_config());
+                    let error = crate::broker::kafka::client_error(&e, &secrets);
+                    let reason = crate::redact::scrub(&reason, &secrets);
                     tracing::error!(?code, %reason, %error, "Kafka producer hit a fatal error and could not be rebuilt");
                 }
             }
@@ -280,7 +284,8 @@ impl KafkaSink {
                 self.limits.lock().cap = smallest;
             }
             Err(e) => {
-                let error = crate::broker::kafka::client_error(&e);
+                let secrets = crate::broker::kafka::secrets_of(&self.opts.client_config());
+                let error = crate::broker::kafka::client_error(&e, &secrets);
                 tracing::error!(%error, "could not rebuild the Kafka producer");
             }
         }

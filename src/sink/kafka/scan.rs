@@ -186,7 +186,7 @@ fn scan(
     let consumer: BaseConsumer = config.create().map_err(|e| {
         ScanError::Other(format!(
             "create restart-scan consumer: {}",
-            crate::broker::kafka::client_error(&e)
+            crate::broker::kafka::client_error(&e, &crate::broker::kafka::secrets_of(&config))
         ))
     })?;
     let mut found = HashMap::new();
@@ -380,9 +380,9 @@ fn probe_read(config: &ClientConfig, topic: &str) -> std::result::Result<(), Str
         .set("group.id", "outboxkv-relay-restart-scan")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = config
-        .create()
-        .map_err(|e| crate::broker::kafka::client_error(&e))?;
+    let consumer: BaseConsumer = config.create().map_err(|e| {
+        crate::broker::kafka::client_error(&e, &crate::broker::kafka::secrets_of(&config))
+    })?;
     let timeout = Duration::from_secs(10);
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
