@@ -65,7 +65,7 @@
 //! let inbox = Inbox::new(&store, "payments")?;
 //! let deposit = Message::new("deposits", 0, 7, b"alice:100".to_vec());
 //! let handler = |tx: &mut outboxkv::inbox::InboxTx<'_, '_>| {
-//!     let body = std::str::from_utf8(tx.message().data()).map_err(outboxkv::Error::abort)?;
+//!     let body = std::str::from_utf8(tx.message().data()).map_err(outboxkv::Error::abort)?.to_string();
 //!     let (who, amount) = body.split_once(':').ok_or_else(|| outboxkv::Error::abort("no ':'"))?;
 //!     let amount: i64 = amount.parse().map_err(outboxkv::Error::abort)?;
 //!     let balance = tx.get_for_update(&BALANCES, who)?.unwrap_or(0);
