@@ -557,6 +557,17 @@ impl Inbox {
         }
     }
 
+    /// The key of a dead letter (and of its queued replay) of this
+    /// consumer.
+    fn dead_key(&self, stream: &str, partition: u32, position: u64) -> (String, String, u32, u64) {
+        (
+            self.shared.consumer.clone(),
+            stream.to_string(),
+            partition,
+            position,
+        )
+    }
+
     /// The consumer's position in `partition` of `stream`, if it has one.
     pub fn position(&self, stream: &str, partition: u32) -> Result<Option<Position>> {
         self.shared.store.get(
@@ -612,12 +623,7 @@ impl Inbox {
     where
         F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
     {
-        let key = (
-            self.shared.consumer.clone(),
-            stream.to_string(),
-            partition,
-            position,
-        );
+        let key = self.dead_key(stream, partition, position);
         let Some(dead) = self.shared.store.get(&DEAD, &key)? else {
             return Ok(false);
         };
@@ -648,12 +654,7 @@ impl Inbox {
     /// `Ok(false)` when there is no such dead letter. This is what
     /// `outbox-relay inbox replay` does, with the service stopped.
     pub fn queue_replay(&self, stream: &str, partition: u32, position: u64) -> Result<bool> {
-        let key = (
-            self.shared.consumer.clone(),
-            stream.to_string(),
-            partition,
-            position,
-        );
+        let key = self.dead_key(stream, partition, position);
         let done = self.shared.store.write(|tx| {
             let Some(dead) = tx.get_for_update(&DEAD, &key)? else {
                 return Ok(false);
@@ -703,12 +704,7 @@ impl Inbox {
             if !mine(&dead.stream) {
                 continue;
             }
-            let key = (
-                self.shared.consumer.clone(),
-                dead.stream.clone(),
-                dead.partition,
-                dead.position,
-            );
+            let key = self.dead_key(&dead.stream, dead.partition, dead.position);
             let message = dead.message();
             let result = self
                 .shared
@@ -750,12 +746,7 @@ impl Inbox {
     /// Deletes the dead letter at `position` of `partition` of `stream`;
     /// `Ok(false)` when there is none.
     pub fn purge_dead(&self, stream: &str, partition: u32, position: u64) -> Result<bool> {
-        let key = (
-            self.shared.consumer.clone(),
-            stream.to_string(),
-            partition,
-            position,
-        );
+        let key = self.dead_key(stream, partition, position);
         let done = self.shared.store.write(|tx| {
             if !tx.contains_for_update(&DEAD, &key)? {
                 return Ok(false);

@@ -370,18 +370,7 @@ fn decode_structured(map: serde_json::Map<String, Value>) -> Result<Option<Cloud
                         ));
                     }
                 };
-                match name.as_str() {
-                    "specversion" => spec = Some(text),
-                    "id" => event.id = text,
-                    "source" => event.source = text,
-                    "type" => event.event_type = text,
-                    "subject" => event.subject = Some(text),
-                    "time" => event.time = Some(text),
-                    "datacontenttype" => event.data_content_type = Some(text),
-                    _ => {
-                        event.extensions.insert(name, text);
-                    }
-                }
+                set_attribute(&mut event, &mut spec, name, text);
             }
         }
     }
@@ -428,21 +417,28 @@ fn decode_binary(
         } else {
             text.to_string()
         };
-        match attr.as_str() {
-            "specversion" => spec = Some(text),
-            "id" => event.id = text,
-            "source" => event.source = text,
-            "type" => event.event_type = text,
-            "subject" => event.subject = Some(text),
-            "time" => event.time = Some(text),
-            "datacontenttype" => event.data_content_type = Some(text),
-            _ => {
-                event.extensions.insert(attr, text);
-            }
-        }
+        set_attribute(&mut event, &mut spec, attr, text);
     }
     check_required(spec.as_deref(), &event)?;
     Ok(event)
+}
+
+/// Sets the attribute `name` (lowercase, without a binding's prefix) of
+/// `event` to `text`; `specversion` goes to `spec`, unknown names to the
+/// extensions. Both the structured and the binary decoders use it.
+fn set_attribute(event: &mut CloudEvent, spec: &mut Option<String>, name: String, text: String) {
+    match name.as_str() {
+        "specversion" => *spec = Some(text),
+        "id" => event.id = text,
+        "source" => event.source = text,
+        "type" => event.event_type = text,
+        "subject" => event.subject = Some(text),
+        "time" => event.time = Some(text),
+        "datacontenttype" => event.data_content_type = Some(text),
+        _ => {
+            event.extensions.insert(name, text);
+        }
+    }
 }
 
 fn check_required(spec: Option<&str>, event: &CloudEvent) -> Result<(), String> {
