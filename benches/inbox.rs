@@ -102,12 +102,21 @@ fn put_row(tx: &mut InboxTx<'_, '_>) -> outboxkv::Result<()> {
     tx.put(&ROWS, &p, &p)
 }
 
-/// `NatsReader` over `n` messages with batches of `batch`.
-async fn with_reader(url: &str, n: usize, batch: usize, name: &str) -> BenchResult<Duration> {
+/// `NatsReader` over `n` messages with batches of `batch`, `in_flight`
+/// commits not yet durable at most.
+async fn with_reader(
+    url: &str,
+    n: usize,
+    batch: usize,
+    in_flight: usize,
+    name: &str,
+) -> BenchResult<Duration> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
     let inbox = Inbox::new(&store, name)?;
-    let opts = NatsReaderOptions::new(NatsConnection::new(url), STREAM, name).batch(batch);
+    let opts = NatsReaderOptions::new(NatsConnection::new(url), STREAM, name)
+        .batch(batch)
+        .commits_in_flight(in_flight);
     let mut reader = NatsReader::connect(inbox.clone(), opts).await?;
     let i = inbox.clone();
     let start = Instant::now();
@@ -213,8 +222,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn main() -> BenchResult {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
-    let n = if quick { 5_000 } else { 100_000 };
-    let n_one = if quick { 500 } else { 3_000 };
+    let n = if quick { 5_000 } else { 300_000 };
+    let n_one = if quick { 500 } else { 10_000 };
     let server = NatsServer::start(&[]).map_err(|e| e.to_string())?;
     let client = async_nats::connect(server.url.as_str()).await?;
     let js = jetstream::new(client.clone());
@@ -228,26 +237,44 @@ async fn main() -> BenchResult {
         "| raw consumer, ack only | {n} | {:.3} | {raw_rate:.0} | 1.00 |",
         t.as_secs_f64()
     );
-    let t = with_reader(&server.url, n, 256, "batched").await?;
-    let rate = n as f64 / t.as_secs_f64();
-    println!(
-        "| inbox, up to 256 per commit, Sync | {n} | {:.3} | {rate:.0} | {:.2} vs raw (target >= 0.80) |",
-        t.as_secs_f64(),
-        rate / raw_rate
-    );
+    for (in_flight, label) in [
+        (4, "`default`: 4 commits in flight"),
+        (1, "1 commit in flight"),
+    ] {
+        let t = with_reader(
+            &server.url,
+            n,
+            256,
+            in_flight,
+            &format!("batched{in_flight}"),
+        )
+        .await?;
+        let rate = n as f64 / t.as_secs_f64();
+        println!(
+            "| inbox, up to 256 per commit, Sync, {label} | {n} | {:.3} | {rate:.0} | {:.2} vs raw (target >= 0.80) |",
+            t.as_secs_f64(),
+            rate / raw_rate
+        );
+    }
     let t = single_writer(n_one)?;
     let single = n_one as f64 / t.as_secs_f64();
     println!(
         "| single-writer Sync commits (no broker) | {n_one} | {:.3} | {single:.0} | 1.00 |",
         t.as_secs_f64()
     );
-    let t = with_reader(&server.url, n_one, 1, "one").await?;
-    let rate = n_one as f64 / t.as_secs_f64();
-    println!(
-        "| inbox, one message per commit, Sync | {n_one} | {:.3} | {rate:.0} | {:.2} vs single writer (target >= 0.90) |",
-        t.as_secs_f64(),
-        rate / single
-    );
+    for (in_flight, label) in [
+        (4, "4 commits in flight (default)"),
+        (2, "2 commits in flight"),
+        (1, "1 commit in flight"),
+    ] {
+        let t = with_reader(&server.url, n_one, 1, in_flight, &format!("one{in_flight}")).await?;
+        let rate = n_one as f64 / t.as_secs_f64();
+        println!(
+            "| inbox, one message per commit, Sync, {label} | {n_one} | {:.3} | {rate:.0} | {:.2} vs single writer (target >= 0.90) |",
+            t.as_secs_f64(),
+            rate / single
+        );
+    }
 
     let secs = if quick { 2 } else { 10 };
     let mut l = latency(&js, &client, 5_000, secs).await?;

@@ -182,6 +182,13 @@ fn simulate(plan: &Plan, dir: &std::path::Path) -> Result<(), Box<dyn std::error
     let mut pick = move |n: usize| choices.next().unwrap_or(0) as usize % n.max(1);
     let mut steps = 0;
     let mut outcomes_seen: BTreeMap<String, usize> = BTreeMap::new();
+    // Batches submitted and not yet awaited, oldest first.
+    let mut pending: std::collections::VecDeque<(
+        usize,
+        Vec<usize>,
+        Vec<u32>,
+        outboxkv::inbox::Applying,
+    )> = std::collections::VecDeque::new();
     while settled
         .iter()
         .zip(&plan.partitions)
@@ -228,32 +235,60 @@ fn simulate(plan: &Plan, dir: &std::path::Path) -> Result<(), Box<dyn std::error
             })
             .collect();
         let buffered = pick(2) == 0;
-        let outcomes = rt.block_on(inbox.apply(&batch, handler(&fails, buffered)))?;
-        assert_eq!(outcomes.len(), batch.len());
-        // A crash between the commit and the acknowledgements: nothing is
+        let applying = rt.block_on(inbox.submit(&batch, handler(&fails, buffered)))?;
+        let tried: Vec<u32> = batch.iter().map(|m| m.attempt).collect();
+        // Up to 4 batches are left in flight (0 to 3 besides this one,
+        // chosen anew each time) while the next are taken in and handled
+        // (what `NatsReader` does), so batches overlap and may hold the
+        // same message; the oldest are awaited first.
+        pending.push_back((p, batch_idx, tried, applying));
+        let depth = pick(4);
+        let mut ready = Vec::new();
+        while pending.len() > depth {
+            ready.extend(pending.pop_front());
+        }
+        // A crash between the commits and the acknowledgements: nothing is
         // acknowledged, the store is reopened.
         if pick(12) == 0 {
+            drop(ready);
+            pending.clear();
             drop(inbox);
             drop(store);
             store = Store::open(dir)?;
             inbox = Inbox::with_options(&store, "sim", opts.clone())?;
             continue;
         }
-        for (&i, o) in batch_idx.iter().zip(&outcomes) {
-            let name = format!("{o:?}");
-            *outcomes_seen
-                .entry(name.split([' ', '{']).next().unwrap_or("").to_string())
-                .or_default() += 1;
-            if o.settled() {
-                settled[p].insert(i);
-            } else if matches!(o, Outcome::Retry { .. }) {
-                *attempts.entry((p as u32, i)).or_default() += 1;
+        for (p, batch_idx, tried, applying) in ready {
+            let outcomes = rt.block_on(applying.durable())?;
+            assert_eq!(outcomes.len(), batch_idx.len());
+            for ((&i, o), &attempt) in batch_idx.iter().zip(&outcomes).zip(&tried) {
+                let name = format!("{o:?}");
+                *outcomes_seen
+                    .entry(name.split([' ', '{']).next().unwrap_or("").to_string())
+                    .or_default() += 1;
+                if o.settled() {
+                    settled[p].insert(i);
+                } else if matches!(o, Outcome::Retry { .. }) {
+                    // Two batches in flight may both have tried it at
+                    // this attempt: the next one is the attempt after.
+                    let a = attempts.entry((p as u32, i)).or_default();
+                    *a = (*a).max(attempt);
+                }
             }
+            // The new ack floor: the first unsettled position (or past the end).
+            let sims = &plan.partitions[p];
+            floors[p] = (0..sims.len())
+                .find(|i| !settled[p].contains(i))
+                .map_or(u64::MAX / 2, |i| sims[i].position);
         }
-        // The new ack floor: the first unsettled position (or past the end).
-        floors[p] = (0..sims.len())
-            .find(|i| !settled[p].contains(i))
-            .map_or(u64::MAX / 2, |i| sims[i].position);
+    }
+    // The batches left in flight hold only copies of settled messages now.
+    for (_, _, _, applying) in pending {
+        let outcomes = rt.block_on(applying.durable())?;
+        assert!(
+            outcomes.iter().all(Outcome::settled),
+            "a batch of settled messages: {outcomes:?}"
+        );
     }
     // Every logical message: applied once, or (poison) dead-lettered once.
     let dead = inbox.dead_letters()?;

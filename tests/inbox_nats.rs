@@ -397,3 +397,351 @@ fn a_stuck_message_on_a_filtered_consumer_keeps_the_position_small() -> TestResu
         Ok::<_, Box<dyn std::error::Error>>(())
     })
 }
+
+/// A reader with a steady flow of messages waiting still stops when its
+/// shutdown completes (it looks at it on every turn, not only when it
+/// waits), applies and acknowledges what it took in, and leaves the rest.
+#[test]
+fn shutdown_under_a_steady_flow_stops_and_acknowledges_what_it_applied() -> TestResult {
+    const ROWS: Table<u64, u64> = Table::new("rows");
+    let server = NatsServer::start(&[])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = async_nats::connect(&server.url).await?;
+        let js = jetstream::new(client);
+        let total = 3000u64;
+        plain_stream(&js, "FLOW", total).await?;
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let inbox = Inbox::new(&store, "flow")?;
+        let opts = NatsReaderOptions::new(NatsConnection::new(&server.url), "FLOW", "flow")
+            .batch(1)
+            .commits_in_flight(4);
+        let mut reader = NatsReader::connect(inbox.clone(), opts).await?;
+        let i = inbox.clone();
+        let stop = async move {
+            while i.metrics().applied() < 50 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        // Spawned: `run`'s future is `Send`, as a multi-thread runtime
+        // needs.
+        tokio::spawn(async move {
+            reader
+                .run(
+                    |tx| {
+                        let p = tx.message().position;
+                        tx.put(&ROWS, &p, &p)
+                    },
+                    stop,
+                )
+                .await
+        })
+        .await??;
+        let applied = inbox.metrics().applied();
+        assert!(
+            (50..total / 2).contains(&applied),
+            "stopped after {applied} of {total}"
+        );
+        assert_eq!(store.range(&ROWS, ..)?.count() as u64, applied);
+        assert_eq!(
+            inbox.position("FLOW/flow", 0)?.map(|p| p.next),
+            Some(applied + 1)
+        );
+        // Everything applied was acknowledged: the consumer's floor
+        // reaches it (acks from another connection arrive in their time).
+        let stream = js.get_stream("FLOW").await?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer("flow")
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let floor = consumer.info().await?.ack_floor.stream_sequence;
+            if floor == applied {
+                break;
+            }
+            assert!(
+                floor < applied && Instant::now() < deadline,
+                "ack floor {floor}, applied {applied}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
+
+/// A stream `name` on subjects `<name lowercased>.>` holding `n` messages
+/// (payload: their index), published with up to 500 acks outstanding.
+async fn plain_stream(
+    js: &jetstream::Context,
+    name: &str,
+    n: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let subject = name.to_lowercase();
+    js.create_stream(jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{subject}.>")],
+        ..Default::default()
+    })
+    .await?;
+    let mut acks = std::collections::VecDeque::new();
+    for i in 0..n {
+        acks.push_back(
+            js.publish(format!("{subject}.m"), i.to_string().into())
+                .await?,
+        );
+        if acks.len() >= 500
+            && let Some(a) = acks.pop_front()
+        {
+            a.await?;
+        }
+    }
+    for a in acks {
+        a.await?;
+    }
+    Ok(())
+}
+
+/// The acknowledgement floor of durable `durable` on `stream` once it has
+/// stopped moving (acks sent from another connection arrive in their
+/// time): read until two reads 200 ms apart agree.
+async fn settled_floor(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    let stream = js.get_stream(stream).await?;
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer(durable)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut last = consumer.info().await?.ack_floor.stream_sequence;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = consumer.info().await?.ack_floor.stream_sequence;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
+/// `commits_in_flight(n)` bounds how far handlers run ahead of the disk:
+/// with slow fsyncs and a backlog, each handler (one message per commit,
+/// one event each) sees at most n - 1 earlier commits not yet durable, and
+/// with n above 1 it does see them (the fsyncs are overlapped).
+#[test]
+fn commits_in_flight_bounds_how_far_handlers_run_ahead_of_the_disk() -> TestResult {
+    const ROWS: Table<u64, u64> = Table::new("rows");
+    let server = NatsServer::start(&[])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let js = jetstream::new(async_nats::connect(&server.url).await?);
+        let total = 120u64;
+        plain_stream(&js, "AHEAD", total).await?;
+        for n in [1u64, 3] {
+            let dir = tempfile::tempdir()?;
+            let store = Store::open(dir.path())?;
+            store.delay_fsyncs(Duration::from_millis(5));
+            let inbox = Inbox::new(&store, "ahead")?;
+            let durable = format!("ahead{n}");
+            let opts = NatsReaderOptions::new(NatsConnection::new(&server.url), "AHEAD", &durable)
+                .batch(1)
+                .commits_in_flight(n as usize);
+            let mut reader = NatsReader::connect(inbox.clone(), opts).await?;
+            let (mut handled, mut most_ahead) = (0u64, 0u64);
+            let i = inbox.clone();
+            let done = async move {
+                while i.metrics().applied() < total {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            let s = store.clone();
+            reader
+                .run(
+                    |tx| {
+                        // Each earlier handler's commit emitted one event,
+                        // seqs 1..=handled.
+                        most_ahead = most_ahead.max(handled - s.outbox().durable_head());
+                        handled += 1;
+                        let p = tx.message().position;
+                        tx.put(&ROWS, &p, &p)?;
+                        tx.emit(Event::bytes("row", p.to_string(), Vec::new()))
+                    },
+                    done,
+                )
+                .await?;
+            assert_eq!(handled, total, "{n} in flight: a handler ran again");
+            assert_eq!(
+                most_ahead,
+                n - 1,
+                "{n} in flight: a handler saw {most_ahead} commits not yet durable"
+            );
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
+
+/// An fsync failing under commits in flight: the reader fails with
+/// `Error::Poisoned`, acknowledges no message whose commit did not reach
+/// the disk, and a reader on the reopened store applies every message
+/// exactly once.
+///
+/// The failed fsync is simulated: the writes it was for are still in the
+/// page cache and survive the reopen here, so this checks what is
+/// acknowledged, not a loss of what a later handler read (that a crash
+/// takes back a later commit with an earlier one rests on the log's
+/// order).
+#[test]
+fn a_failed_fsync_is_never_acknowledged() -> TestResult {
+    const ROWS: Table<u64, u64> = Table::new("rows");
+    let server = NatsServer::start(&[])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let js = jetstream::new(async_nats::connect(&server.url).await?);
+        let total = 400u64;
+        plain_stream(&js, "FAIL", total).await?;
+        let dir = tempfile::tempdir()?;
+        let opts = || {
+            NatsReaderOptions::new(NatsConnection::new(&server.url), "FAIL", "fail")
+                .batch(8)
+                .commits_in_flight(4)
+                .ack_wait(Duration::from_secs(1))
+        };
+        let add = |tx: &mut outboxkv::inbox::InboxTx<'_, '_>| {
+            let p = tx.message().position;
+            let had = tx.get_for_update(&ROWS, &p)?.unwrap_or(0);
+            tx.put(&ROWS, &p, &(had + 1))
+        };
+        let durable_applied = {
+            let store = Store::open(dir.path())?;
+            store.delay_fsyncs(Duration::from_millis(2));
+            store.fail_fsyncs_after(6);
+            let inbox = Inbox::new(&store, "fail")?;
+            let mut reader = NatsReader::connect(inbox.clone(), opts()).await?;
+            let failed = reader.run(add, std::future::pending()).await;
+            assert!(
+                matches!(failed, Err(outboxkv::Error::Poisoned { .. })),
+                "{failed:?}"
+            );
+            inbox.metrics().applied()
+        };
+        assert!(durable_applied < total, "{durable_applied}");
+        let floor = settled_floor(&js, "FAIL", "fail").await?;
+        assert!(
+            floor <= durable_applied,
+            "acknowledged through {floor}, but only {durable_applied} were durable"
+        );
+        let store = Store::open(dir.path())?;
+        let inbox = Inbox::new(&store, "fail")?;
+        let mut reader = NatsReader::connect(inbox.clone(), opts()).await?;
+        let (s, i) = (store.clone(), inbox.clone());
+        let done = async move {
+            while s.range(&ROWS, ..).map(|r| r.count()).unwrap_or(0) < total as usize
+                || i.position("FAIL/fail", 0).ok().flatten().map(|p| p.next) != Some(total + 1)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), reader.run(add, done)).await??;
+        for p in 1..=total {
+            assert_eq!(store.get(&ROWS, &p)?, Some(1), "message {p}");
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
+
+/// The broker going away under commits in flight: a shutdown asked for
+/// then returns (an error, within the settle wait) instead of waiting for
+/// the broker forever; after a restart of the broker a new reader
+/// applies every message exactly once.
+#[test]
+fn a_broker_gone_under_commits_in_flight_neither_hangs_nor_doubles() -> TestResult {
+    const ROWS: Table<u64, u64> = Table::new("rows");
+    let server = NatsServer::start(&[])?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let total = 600u64;
+        {
+            let js = jetstream::new(async_nats::connect(&server.url).await?);
+            plain_stream(&js, "GONE", total).await?;
+        }
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        store.delay_fsyncs(Duration::from_millis(20));
+        let inbox = Inbox::new(&store, "gone")?;
+        let opts = || {
+            NatsReaderOptions::new(NatsConnection::new(&server.url), "GONE", "gone")
+                .batch(4)
+                .commits_in_flight(4)
+                .ack_wait(Duration::from_secs(1))
+                .settle_wait(Duration::from_secs(2))
+        };
+        let add = |tx: &mut outboxkv::inbox::InboxTx<'_, '_>| {
+            let p = tx.message().position;
+            let had = tx.get_for_update(&ROWS, &p)?.unwrap_or(0);
+            tx.put(&ROWS, &p, &(had + 1))
+        };
+        let mut reader = NatsReader::connect(inbox.clone(), opts()).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(async move {
+            reader
+                .run(add, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        while inbox.metrics().applied() < 40 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.stop()?;
+        let _ = stop.send(());
+        let asked = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(30), running)
+            .await
+            .map_err(|_| "the reader did not return 30 s after its shutdown")??;
+        assert!(
+            matches!(
+                ended,
+                Err(outboxkv::Error::Broker { .. } | outboxkv::Error::Timeout(_))
+            ),
+            "{ended:?}"
+        );
+        assert!(
+            inbox.metrics().applied() < total,
+            "all applied before the stop"
+        );
+        eprintln!(
+            "returned {:?} after the shutdown: {ended:?}",
+            asked.elapsed()
+        );
+        server.restart()?;
+        let mut reader = NatsReader::connect(inbox.clone(), opts()).await?;
+        let (s, i) = (store.clone(), inbox.clone());
+        let done = async move {
+            while s.range(&ROWS, ..).map(|r| r.count()).unwrap_or(0) < total as usize
+                || i.position("GONE/gone", 0).ok().flatten().map(|p| p.next) != Some(total + 1)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), reader.run(add, done)).await??;
+        for p in 1..=total {
+            assert_eq!(store.get(&ROWS, &p)?, Some(1), "message {p}");
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}

@@ -11,7 +11,7 @@ use super::position::{FILTERS, POSITIONS, Position, SEEN, Seen};
 use super::tx::InboxTx;
 use crate::error::{Error, Result};
 use crate::outbox::entry::StoreId;
-use crate::store::{Durability, Store, WriteTx};
+use crate::store::{CommitFuture, Durability, Store, WriteTx};
 
 /// Longest consumer name, in bytes.
 pub const MAX_CONSUMER_NAME: usize = 128;
@@ -113,6 +113,75 @@ impl Outcome {
                 | Outcome::ProducerDuplicate
                 | Outcome::DeadLettered { .. }
         )
+    }
+}
+
+/// A batch [`Inbox::submit`] ordered into the store's commit pipeline:
+/// visible to later transactions, on its way to disk. Its outcomes are
+/// known, and its settled messages may be acknowledged, once
+/// [`durable`](Applying::durable) returns.
+///
+/// Dropping it does not take the commit back (it is written, or fails with
+/// the store, either way): the messages are then only not acknowledged,
+/// and are skipped by position when delivered again.
+#[must_use = "acknowledge the messages only after `durable` returned"]
+pub struct Applying {
+    outcomes: Vec<Outcome>,
+    /// The commit still to be awaited, the delivery times of the messages
+    /// it applies, and the metrics to count them in; `None` when the
+    /// outcomes were settled (and durable) before `submit` returned.
+    commit: Option<(CommitFuture, Vec<std::time::Instant>, InboxMetrics)>,
+}
+
+impl std::fmt::Debug for Applying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Applying")
+            .field("messages", &self.outcomes.len())
+            .field("awaiting_commit", &self.commit.is_some())
+            .finish()
+    }
+}
+
+impl Applying {
+    fn settled(outcomes: Vec<Outcome>) -> Applying {
+        Applying {
+            outcomes,
+            commit: None,
+        }
+    }
+
+    /// Waits until the batch's commit is durable and says what became of
+    /// each message, in submit order. Fails only for a store failure; then
+    /// none of the messages may be acknowledged.
+    pub async fn durable(self) -> Result<Vec<Outcome>> {
+        let Some((commit, received, m)) = self.commit else {
+            return Ok(self.outcomes);
+        };
+        commit.await?;
+        let mut wrote = false;
+        for o in &self.outcomes {
+            match o {
+                Outcome::Applied => {
+                    m.applied.inc();
+                    wrote = true;
+                }
+                Outcome::Duplicate => {
+                    m.duplicates.inc();
+                }
+                Outcome::ProducerDuplicate => {
+                    m.producer_duplicates.inc();
+                    wrote = true;
+                }
+                _ => {}
+            }
+        }
+        for at in received {
+            m.delivery_to_commit.observe(at.elapsed().as_secs_f64());
+        }
+        if wrote {
+            m.commits.inc();
+        }
+        Ok(self.outcomes)
     }
 }
 
@@ -247,7 +316,8 @@ impl Inbox {
 
     /// Applies `messages` (in order) in one commit, and says what became of
     /// each; [`Outcome::settled`] ones may be acknowledged once this
-    /// returns (the commit is durable, at the store's durability).
+    /// returns (the commit is durable: inbox commits are always
+    /// [`Durability::Sync`]).
     ///
     /// `handler` runs once per new message in the commit, and again when
     /// the commit is re-run (a conflict). When it fails on one message (or
@@ -261,19 +331,70 @@ impl Inbox {
     /// Fails only for a store failure; then none of the messages may be
     /// acknowledged (some may have committed: they are skipped when
     /// delivered again).
-    pub async fn apply<F>(&self, messages: &[Message], mut handler: F) -> Result<Vec<Outcome>>
+    ///
+    /// The same as [`submit`](Inbox::submit) followed by
+    /// [`Applying::durable`].
+    pub async fn apply<F>(&self, messages: &[Message], handler: F) -> Result<Vec<Outcome>>
+    where
+        F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
+    {
+        self.submit(messages, handler).await?.durable().await
+    }
+
+    /// Applies `messages` like [`apply`](Inbox::apply), but returns as soon
+    /// as their commit is ordered in the store's commit pipeline and
+    /// visible to later transactions, before its fsync: the caller can take
+    /// in and submit the next batch while this one's fsync runs, and then
+    /// wait for this one with [`Applying::durable`]. Acknowledge nothing
+    /// before `durable` returned.
+    ///
+    /// Commits reach the disk in the order they were submitted, so when a
+    /// later batch is durable, so is every one submitted before it; a
+    /// store failure fails the `durable` of every batch not yet on disk
+    /// (and poisons the store). The handler of a later batch sees this
+    /// batch's writes (and so would act on writes that a crash before the
+    /// fsync takes back; its own commit is then taken back with them).
+    ///
+    /// With [`StoreOptions::pipelined_fsync`](crate::StoreOptions::pipelined_fsync)
+    /// off, a `Sync` commit's write is synced before it is visible, so
+    /// `submit` returns once it is durable and nothing overlaps.
+    ///
+    /// What fails here (the handler, a commit refused for the messages)
+    /// is settled here, one message per commit as `apply` says: the
+    /// returned [`Applying`] then holds the outcomes, already durable.
+    ///
+    /// ```
+    /// use outboxkv::inbox::{Inbox, Message, Outcome};
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = outboxkv::Store::open(dir.path())?;
+    /// let inbox = Inbox::new(&store, "billing")?;
+    /// let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    /// rt.block_on(async {
+    ///     let first = inbox.submit(&[Message::new("orders", 0, 0, vec![])], |_tx| Ok(())).await?;
+    ///     // Prepared and ordered while the first commit's fsync runs.
+    ///     let second = inbox.submit(&[Message::new("orders", 0, 1, vec![])], |_tx| Ok(())).await?;
+    ///     assert_eq!(first.durable().await?, vec![Outcome::Applied]);
+    ///     assert_eq!(second.durable().await?, vec![Outcome::Applied]);
+    ///     Ok::<_, outboxkv::Error>(())
+    /// })?;
+    /// assert_eq!(inbox.position("orders", 0)?.map(|p| p.next), Some(2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub async fn submit<F>(&self, messages: &[Message], mut handler: F) -> Result<Applying>
     where
         F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
     {
         if messages.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Applying::settled(Vec::new()));
         }
-        match self.commit(messages, &mut handler).await {
-            Ok(outcomes) => return Ok(outcomes),
+        match self.order(messages, &mut handler).await {
+            Ok(ordered) => return Ok(ordered),
             Err(Failed::Store(e)) => return Err(e),
             Err(Failed::Message { index, error }) if messages.len() == 1 => {
                 debug_assert_eq!(index, 0);
-                return Ok(vec![self.failed(&messages[0], error).await?]);
+                return Ok(Applying::settled(vec![
+                    self.failed(&messages[0], error).await?,
+                ]));
             }
             Err(Failed::Message { .. }) => {}
         }
@@ -287,11 +408,12 @@ impl Inbox {
                 outcomes.push(Outcome::Blocked { behind });
                 continue;
             }
-            let outcome = match self.commit(std::slice::from_ref(m), &mut handler).await {
-                Ok(mut one) => one.pop().unwrap_or(Outcome::Duplicate),
-                Err(Failed::Store(e)) => return Err(e),
-                Err(Failed::Message { error, .. }) => self.failed(m, error).await?,
+            let one = match self.order(std::slice::from_ref(m), &mut handler).await {
+                Ok(ordered) => ordered.durable().await.map(|mut one| one.pop()),
+                Err(Failed::Store(e)) => Err(e),
+                Err(Failed::Message { error, .. }) => self.failed(m, error).await.map(Some),
             };
+            let outcome = one?.unwrap_or(Outcome::Duplicate);
             if matches!(outcome, Outcome::Retry { .. }) {
                 let at = held
                     .entry((m.stream.as_str(), m.partition))
@@ -300,7 +422,7 @@ impl Inbox {
             }
             outcomes.push(outcome);
         }
-        Ok(outcomes)
+        Ok(Applying::settled(outcomes))
     }
 
     /// A failed attempt at `m`: dead-letters it on its last attempt.
@@ -387,12 +509,13 @@ impl Inbox {
         Ok(written.value)
     }
 
-    /// One commit of every message in `messages`.
-    async fn commit<F>(
+    /// One commit of every message in `messages`, ordered and visible;
+    /// what it did to each is known once it is durable.
+    async fn order<F>(
         &self,
         messages: &[Message],
         handler: &mut F,
-    ) -> std::result::Result<Vec<Outcome>, Failed>
+    ) -> std::result::Result<Applying, Failed>
     where
         F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
     {
@@ -401,7 +524,7 @@ impl Inbox {
         let result = self
             .shared
             .store
-            .write_async(|tx| {
+            .write_ordered(|tx| {
                 let mut positions: HashMap<(&str, u32), (Position, bool)> = HashMap::new();
                 let mut seen: HashMap<StoreId, (Seen, bool)> = HashMap::new();
                 let mut outcomes = Vec::with_capacity(messages.len());
@@ -483,32 +606,17 @@ impl Inbox {
             })
             .await;
         match result {
-            Ok(committed) => {
-                let outcomes = committed.value;
-                let m = &self.shared.metrics;
-                let mut wrote = false;
-                for (o, msg) in outcomes.iter().zip(messages) {
-                    match o {
-                        Outcome::Applied => {
-                            m.applied.inc();
-                            m.delivery_to_commit
-                                .observe(msg.received.elapsed().as_secs_f64());
-                            wrote = true;
-                        }
-                        Outcome::Duplicate => {
-                            m.duplicates.inc();
-                        }
-                        Outcome::ProducerDuplicate => {
-                            m.producer_duplicates.inc();
-                            wrote = true;
-                        }
-                        _ => {}
-                    }
-                }
-                if wrote {
-                    m.commits.inc();
-                }
-                Ok(outcomes)
+            Ok((outcomes, commit)) => {
+                let received = outcomes
+                    .iter()
+                    .zip(messages)
+                    .filter(|(o, _)| **o == Outcome::Applied)
+                    .map(|(_, m)| m.received)
+                    .collect();
+                Ok(Applying {
+                    outcomes,
+                    commit: Some((commit, received, self.shared.metrics.clone())),
+                })
             }
             Err(Error::Aborted(source)) => match source.downcast::<HandlerFailed>() {
                 Ok(failed) => Err(Failed::Message {

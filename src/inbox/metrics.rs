@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 /// | `outboxkv_inbox_commits_total` | counter | inbox commits (a batch is one) |
 /// | `outboxkv_inbox_lag` | gauge | messages in the broker not yet delivered to this consumer, as the reader last saw it |
 /// | `outboxkv_inbox_delivery_to_commit_seconds` | histogram | from the reader receiving a message to its commit being durable |
-/// | `outboxkv_inbox_commit_to_ack_seconds` | histogram | from the durable commit to the broker acknowledgement being sent (JetStream: confirmed) |
+/// | `outboxkv_inbox_commit_to_ack_seconds` | histogram | from the durable commit to its acknowledgements being sent and flushed (`NatsReader` only; not confirmed by the server: the Kafka reader acknowledges nothing, its positions are in the store) |
 ///
 /// ```
 /// let metrics = outboxkv::inbox::InboxMetrics::new();

@@ -16,6 +16,13 @@
 //!            ◀── acknowledge after the commit is durable
 //! ```
 //!
+//! [`Inbox::submit`] splits `apply` in two: it returns once the batch's
+//! commit is ordered and visible, and [`Applying::durable`] waits for its
+//! fsync. A reader can so handle and order the next batch while the last
+//! one is fsynced, and acknowledge each once it is durable, oldest first
+//! ([`nats::NatsReader`] keeps up to 4 commits in flight; the Kafka reader
+//! still applies one batch at a time).
+//!
 //! # What is exactly-once, and what is not
 //!
 //! - Exactly once: the handler's writes and emits through its [`InboxTx`],
@@ -109,7 +116,7 @@ pub use position::{Position, Seen};
 pub use tx::InboxTx;
 
 #[cfg(feature = "relay")]
-pub use apply::{Inbox, InboxOptions, Outcome};
+pub use apply::{Applying, Inbox, InboxOptions, Outcome};
 
 #[cfg(feature = "relay")]
 mod apply;

@@ -7,8 +7,12 @@
 //! - Messages are taken in batches of what has arrived (up to
 //!   [`NatsReaderOptions::batch`]), applied in one commit, and acknowledged
 //!   after it is durable; the acknowledgements of a batch are flushed
-//!   together. A crash between commit and acknowledgement means a
-//!   redelivery, which the inbox skips.
+//!   together. While a batch's commit is fsynced, the next ones are taken
+//!   in, handled and ordered ([`Inbox::submit`]), up to
+//!   [`NatsReaderOptions::commits_in_flight`] commits not yet durable, and
+//!   acknowledged in commit order; with commits in flight, a batch goes
+//!   once it is full or they are all durable. A crash between commit and
+//!   acknowledgement means a redelivery, which the inbox skips.
 //! - A handler failure with attempts left is `nak`ed with
 //!   [`NatsReaderOptions::retry_delay`]: JetStream redelivers it, with its
 //!   delivery count as [`Message::attempt`](super::Message::attempt); on the
@@ -46,6 +50,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer};
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 
 use super::message::Message;
@@ -77,6 +82,8 @@ pub struct NatsReaderOptions {
     ack_wait: Duration,
     retry_delay: Duration,
     floor_interval: Duration,
+    commits_in_flight: usize,
+    settle_wait: Duration,
     pause_before_ack: Duration,
 }
 
@@ -84,7 +91,8 @@ impl NatsReaderOptions {
     /// Reads stream `stream` through the durable consumer `durable`.
     /// Defaults: every subject of the stream, batches of up to 256,
     /// at most 1,000 unacknowledged (`max_ack_pending`), 30 s `ack_wait`,
-    /// retries after 200 ms, the floor read every 100 ms.
+    /// retries after 200 ms, the floor read every 100 ms, 4 commits in
+    /// flight, 10 s to settle.
     pub fn new(
         conn: NatsConnection,
         stream: impl Into<String>,
@@ -100,6 +108,8 @@ impl NatsReaderOptions {
             ack_wait: Duration::from_secs(30),
             retry_delay: Duration::from_millis(200),
             floor_interval: Duration::from_millis(100),
+            commits_in_flight: 4,
+            settle_wait: Duration::from_secs(10),
             pause_before_ack: Duration::ZERO,
         }
     }
@@ -141,6 +151,29 @@ impl NatsReaderOptions {
     /// Default: 100 ms.
     pub fn floor_interval(mut self, every: Duration) -> Self {
         self.floor_interval = every;
+        self
+    }
+
+    /// Most batches committed and not yet durable (at least 1): while
+    /// they are fsynced, the reader takes in, handles and orders the next
+    /// ([`Inbox::submit`]); the store fsyncs the commits ordered meanwhile
+    /// together (each batch is still a commit of its own). With 1, a
+    /// batch is handled only once the commit before it is durable (it is
+    /// taken in meanwhile). Above 1, a handler reads the writes of commits
+    /// not yet durable (see [`NatsReader::run`]). Default: 4.
+    pub fn commits_in_flight(mut self, n: usize) -> Self {
+        self.commits_in_flight = n.max(1);
+        self
+    }
+
+    /// How long the reader waits for the broker to take a batch's
+    /// acknowledgements (the client waits for a connection that is down:
+    /// then the reader fails with `Error::Broker`), and, stopping or
+    /// failing, for the batches in flight to be durable and acknowledged
+    /// (then [`NatsReader::run`] returns `Error::Timeout`; what was not
+    /// acknowledged is delivered again and skipped). Default: 10 s.
+    pub fn settle_wait(mut self, wait: Duration) -> Self {
+        self.settle_wait = wait;
         self
     }
 
@@ -331,9 +364,27 @@ impl NatsReader {
         Ok(info)
     }
 
-    /// Applies messages with `handler` until `shutdown` completes (then
-    /// returns `Ok` after the batch in hand is settled) or the store or
-    /// the broker fails.
+    /// Applies messages with `handler` until `shutdown` completes or the
+    /// store or the broker fails.
+    ///
+    /// On `shutdown`, the messages taken in are applied, and every batch
+    /// committed is acknowledged once durable; then `run` returns `Ok`.
+    /// On a failure, the batches already committed are still acknowledged
+    /// as they become durable (a store failure fails them, and nothing of
+    /// them is acknowledged), and `run` returns the failure. Either way it
+    /// waits at most [`NatsReaderOptions::settle_wait`] for that (a slow disk, a broker away:
+    /// then [`Error::Timeout`](crate::Error::Timeout)): what is not
+    /// acknowledged is delivered again and skipped by position, so nothing
+    /// is lost or applied twice. While it runs, acknowledgements the
+    /// broker does not take within [`NatsReaderOptions::settle_wait`] fail the reader with
+    /// `Error::Broker`.
+    ///
+    /// With [`NatsReaderOptions::commits_in_flight`] above 1, `handler`
+    /// runs while earlier batches are fsynced, and sees their writes:
+    /// store writes that a crash before that fsync takes back, together
+    /// with the later batch's own commit. An effect outside the store
+    /// (a call to another service) made on such a read is not taken back;
+    /// set 1 if a handler makes one.
     pub async fn run<F, S>(&mut self, mut handler: F, shutdown: S) -> Result<()>
     where
         F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
@@ -352,73 +403,229 @@ impl NatsReader {
             .messages()
             .await
             .map_err(|e| self.opts.conn.error(ROLE, &format!("pull: {e}")))?;
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let first = tokio::select! {
-                biased;
-                () = &mut shutdown => return Ok(()),
-                next = messages.next() => next,
-            };
-            let conn = &self.opts.conn;
-            let take = |m: Option<
-                std::result::Result<jetstream::Message, jetstream::consumer::pull::MessagesError>,
-            >|
-             -> Result<jetstream::Message> {
-                match m {
-                    None => Err(conn.error(ROLE, "pull: the message stream ended")),
-                    Some(Err(e)) => Err(conn.error(ROLE, &format!("pull: {e}"))),
-                    Some(Ok(m)) => Ok(m),
-                }
-            };
-            let mut batch = vec![take(first)?];
-            while batch.len() < self.opts.batch {
-                match messages.next().now_or_never() {
-                    Some(m) => batch.push(take(m)?),
-                    None => break,
-                }
+        // Batches whose commits are on their way to disk, oldest first:
+        // each is polled, so it is stamped durable when its fsync is done,
+        // and they come out in the order they were committed.
+        let mut in_flight = InFlight::new();
+        let pumped = self
+            .pump(&mut messages, &mut in_flight, &mut handler, shutdown)
+            .await;
+        let settled = self.settle(in_flight).await;
+        match (pumped, settled) {
+            (Err(e), Err(also)) => {
+                tracing::warn!(error = %also, "nats inbox: settling after a failure failed too");
+                Err(e)
             }
-            if self
-                .floor_read
-                .is_none_or(|t| t.elapsed() >= self.opts.floor_interval)
-            {
-                self.read_floor().await?;
-            }
-            self.settle(batch, &mut handler).await?;
+            (pumped, settled) => pumped.and(settled),
         }
     }
 
-    /// Applies one batch, then acknowledges (or `nak`s) each message.
-    async fn settle<F>(&mut self, batch: Vec<jetstream::Message>, handler: &mut F) -> Result<()>
+    /// The reader's loop: takes messages in, submits batches, acknowledges
+    /// what is durable. Returns `Ok` on `shutdown`, once the messages taken
+    /// in are submitted.
+    async fn pump<F, S>(
+        &mut self,
+        messages: &mut consumer::pull::Stream,
+        in_flight: &mut InFlight,
+        handler: &mut F,
+        shutdown: S,
+    ) -> Result<()>
+    where
+        F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
+        S: std::future::Future<Output = ()>,
+    {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut batch: Vec<jetstream::Message> = Vec::new();
+        loop {
+            // Looked at on every turn: under a steady flow the loop may
+            // not come to the `select!` below for a long time.
+            if (&mut shutdown).now_or_never().is_some() {
+                self.make_room(in_flight).await?;
+                return self.submit(batch, handler, in_flight).await;
+            }
+            // What is durable already is acknowledged now, not when the
+            // loop next waits (under a steady flow of full batches, that
+            // may be several submits later).
+            while let Some(Some(done)) = in_flight.next().now_or_never() {
+                self.acknowledge(done).await?;
+            }
+            while batch.len() < self.opts.batch {
+                match messages.next().now_or_never() {
+                    Some(m) => batch.push(self.take(m)?),
+                    None => break,
+                }
+            }
+            // A full batch goes at once; one that is not waits for more
+            // while commits are in flight (their fsync is the wait), and
+            // goes when none is.
+            if batch.len() >= self.opts.batch || (!batch.is_empty() && in_flight.is_empty()) {
+                self.make_room(in_flight).await?;
+                let full = std::mem::take(&mut batch);
+                self.submit(full, handler, in_flight).await?;
+                continue;
+            }
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => Next::Stop,
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => Next::Durable(done),
+                next = messages.next() => Next::Message(next),
+            };
+            match next {
+                Next::Stop => {
+                    self.make_room(in_flight).await?;
+                    return self.submit(batch, handler, in_flight).await;
+                }
+                Next::Durable(done) => self.acknowledge(done).await?,
+                Next::Message(m) => batch.push(self.take(m)?),
+            }
+        }
+    }
+
+    /// Waits until fewer than `commits_in_flight` batches are not yet
+    /// durable, acknowledging those that are.
+    async fn make_room(&self, in_flight: &mut InFlight) -> Result<()> {
+        while in_flight.len() >= self.opts.commits_in_flight {
+            if let Some(done) = in_flight.next().await {
+                self.acknowledge(done).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledges the batches in flight as they become durable, for at
+    /// most [`NatsReaderOptions::settle_wait`] (then [`Error::Timeout`](crate::Error::Timeout),
+    /// saying whether it waited for the disk or the broker); the first
+    /// failure is returned, after trying the rest.
+    async fn settle(&self, mut in_flight: InFlight) -> Result<()> {
+        if in_flight.is_empty() {
+            return Ok(());
+        }
+        let left = in_flight.len();
+        // An atomic, not a `Cell`: `run`'s future stays `Send`.
+        let acking = std::sync::atomic::AtomicBool::new(false);
+        let all = async {
+            let mut first = None;
+            while let Some(done) = in_flight.next().await {
+                acking.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = self.acknowledge(done).await {
+                    first.get_or_insert(e);
+                }
+                acking.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            first.map_or(Ok(()), Err)
+        };
+        match tokio::time::timeout(self.opts.settle_wait, all).await {
+            Ok(acked) => acked,
+            Err(_) => Err(crate::Error::Timeout(format!(
+                "{ROLE}: of {left} batches committed, some were not {} within {:?} \
+                 (they are delivered again and skipped by position)",
+                if acking.load(std::sync::atomic::Ordering::Relaxed) {
+                    "acknowledged (the broker did not take the acknowledgements)"
+                } else {
+                    "durable yet (the store's fsync is slow)"
+                },
+                self.opts.settle_wait
+            ))),
+        }
+    }
+
+    /// A message of the pull stream, or the reader's error.
+    fn take(
+        &self,
+        m: Option<
+            std::result::Result<jetstream::Message, jetstream::consumer::pull::MessagesError>,
+        >,
+    ) -> Result<jetstream::Message> {
+        match m {
+            None => Err(self.opts.conn.error(ROLE, "pull: the message stream ended")),
+            Some(Err(e)) => Err(self.opts.conn.error(ROLE, &format!("pull: {e}"))),
+            Some(Ok(m)) => Ok(m),
+        }
+    }
+
+    /// Handles `batch` and orders its commit ([`Inbox::submit`]), queued
+    /// behind the commits in flight. Nothing for an empty batch.
+    async fn submit<F>(
+        &mut self,
+        batch: Vec<jetstream::Message>,
+        handler: &mut F,
+        in_flight: &mut InFlight,
+    ) -> Result<()>
     where
         F: FnMut(&mut InboxTx<'_, '_>) -> Result<()>,
     {
-        let mut messages = Vec::with_capacity(batch.len());
-        for m in &batch {
-            messages.push(self.message_of(m)?);
+        if batch.is_empty() {
+            return Ok(());
         }
-        let outcomes = self.inbox.apply(&messages, &mut *handler).await?;
-        let committed = Instant::now();
+        if self
+            .floor_read
+            .is_none_or(|t| t.elapsed() >= self.opts.floor_interval)
+        {
+            self.read_floor().await?;
+        }
+        let mut converted = Vec::with_capacity(batch.len());
+        for m in &batch {
+            converted.push(self.message_of(m)?);
+        }
+        let applying = self.inbox.submit(&converted, &mut *handler).await?;
+        in_flight.push_back(Box::pin(async move {
+            let outcomes = applying.durable().await;
+            Done {
+                batch,
+                outcomes,
+                durable_at: Instant::now(),
+            }
+        }));
+        Ok(())
+    }
+
+    /// Acknowledges (or `nak`s) each message of a batch whose commit is
+    /// durable; a batch whose commit failed is not acknowledged, and its
+    /// failure returned.
+    async fn acknowledge(&self, done: Done) -> Result<()> {
+        let Done {
+            batch,
+            outcomes,
+            durable_at,
+        } = done;
+        let outcomes = outcomes?;
         if !self.opts.pause_before_ack.is_zero() {
             tokio::time::sleep(self.opts.pause_before_ack).await;
         }
-        for (m, outcome) in batch.iter().zip(&outcomes) {
-            let sent = match outcome {
-                o if o.settled() => m.ack().await,
-                Outcome::Retry { .. } => {
-                    m.ack_with(AckKind::Nak(Some(self.opts.retry_delay))).await
-                }
-                _ => {
-                    m.ack_with(AckKind::Nak(Some(self.opts.retry_delay / 4)))
-                        .await
-                }
-            };
-            sent.map_err(|e| self.opts.conn.error(ROLE, &format!("ack: {e}")))?;
-        }
-        self.client
-            .flush()
+        let sent = async {
+            for (m, outcome) in batch.iter().zip(&outcomes) {
+                let sent = match outcome {
+                    o if o.settled() => m.ack().await,
+                    Outcome::Retry { .. } => {
+                        m.ack_with(AckKind::Nak(Some(self.opts.retry_delay))).await
+                    }
+                    _ => {
+                        m.ack_with(AckKind::Nak(Some(self.opts.retry_delay / 4)))
+                            .await
+                    }
+                };
+                sent.map_err(|e| self.opts.conn.error(ROLE, &format!("ack: {e}")))?;
+            }
+            self.client
+                .flush()
+                .await
+                .map_err(|e| self.opts.conn.error(ROLE, &format!("flush acks: {e}")))
+        };
+        // The client waits for a connection that is down: bounded, so a
+        // broker away fails the reader (and lets a shutdown through)
+        // rather than hang it.
+        tokio::time::timeout(self.opts.settle_wait, sent)
             .await
-            .map_err(|e| self.opts.conn.error(ROLE, &format!("flush acks: {e}")))?;
-        let took = committed.elapsed();
+            .map_err(|_| {
+                self.opts.conn.error(
+                    ROLE,
+                    &format!(
+                        "acknowledgements not flushed within {:?}",
+                        self.opts.settle_wait
+                    ),
+                )
+            })??;
+        let took = durable_at.elapsed();
         for _ in 0..outcomes.iter().filter(|o| o.settled()).count() {
             self.inbox.metrics().observe_commit_to_ack(took);
         }
@@ -457,6 +664,28 @@ impl NatsReader {
         msg.decode();
         Ok(msg)
     }
+}
+
+/// A batch whose commit is durable (or failed), with when that was
+/// learnt.
+struct Done {
+    batch: Vec<jetstream::Message>,
+    outcomes: Result<Vec<Outcome>>,
+    durable_at: Instant,
+}
+
+/// The batches whose commits are on their way to disk, in commit order.
+type InFlight = FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>>>;
+
+/// What the reader's loop woke up for. A value on the loop's stack for
+/// one turn: boxing the message would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Stop,
+    Durable(Done),
+    Message(
+        Option<std::result::Result<jetstream::Message, jetstream::consumer::pull::MessagesError>>,
+    ),
 }
 
 /// The stream a JetStream durable's positions are kept under.

@@ -80,6 +80,15 @@ impl CommitFuture {
             state: CommitState::Ready(Some(result)),
         }
     }
+
+    /// The error of a commit refused before it was queued (a conflict, a
+    /// limit), taken out; `None` for a queued (or empty) commit.
+    fn refused(&mut self) -> Option<Error> {
+        match &mut self.state {
+            CommitState::Ready(r @ Some(Err(_))) => r.take().and_then(Result::err),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for CommitFuture {
@@ -184,32 +193,60 @@ impl Store {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn write_async<T, F>(&self, mut f: F) -> Result<Committed<T>>
+    pub async fn write_async<T, F>(&self, f: F) -> Result<Committed<T>>
+    where
+        F: FnMut(&mut WriteTx<'_>) -> Result<T>,
+    {
+        let (value, commit) = self.order_with_retries(f).await?;
+        Ok(commit.await?.map(value))
+    }
+
+    /// Runs `f` in a transaction and orders its commit like
+    /// [`Store::write_async`] (retrying conflicts the same way), but
+    /// returns once the commit is ordered and visible to later
+    /// transactions, with the future of its write and fsync. A transaction
+    /// begun after this returns sees the commit, so a caller can prepare
+    /// its next commit while this one's fsync runs (commits are written and
+    /// fsynced in the order they were ordered: if the later one is on disk,
+    /// so is this one).
+    pub(crate) async fn write_ordered<T, F>(&self, f: F) -> Result<(T, CommitFuture)>
+    where
+        F: FnMut(&mut WriteTx<'_>) -> Result<T>,
+    {
+        let ordered = self.order_with_retries(f).await?;
+        self.inner.pipeline.visible().await;
+        Ok(ordered)
+    }
+
+    /// Runs `f` and orders its commit, retrying a conflict (on a snapshot
+    /// that includes the conflicting write) up to `max_conflict_retries`
+    /// times.
+    async fn order_with_retries<T, F>(&self, mut f: F) -> Result<(T, CommitFuture)>
     where
         F: FnMut(&mut WriteTx<'_>) -> Result<T>,
     {
         let mut attempt = 0;
         loop {
-            let (commit, value) = {
+            let (mut commit, value) = {
                 let mut tx = self.begin();
                 let value = f(&mut tx)?;
                 (tx.commit_async(), value)
             };
-            match commit.await {
-                Ok(c) => return Ok(c.map(value)),
-                Err(Error::Conflict { .. }) if attempt < self.inner.opts.max_conflict_retries => {
+            match commit.refused() {
+                None => return Ok((value, commit)),
+                Some(Error::Conflict { .. }) if attempt < self.inner.opts.max_conflict_retries => {
                     attempt += 1;
                     // Retry on a snapshot that includes the conflicting
                     // write, waiting for it without blocking.
                     self.inner.pipeline.visible().await;
                 }
-                Err(Error::TransactionExpired {
+                Some(Error::TransactionExpired {
                     limit: "max_conflict_index_keys",
                     ..
                 }) if attempt < self.inner.opts.max_conflict_retries => {
                     attempt += 1;
                 }
-                Err(e) => return Err(e),
+                Some(e) => return Err(e),
             }
         }
     }
