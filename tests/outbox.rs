@@ -253,6 +253,82 @@ fn long_and_short_prunes_leave_exactly_the_rest() -> TestResult {
     Ok(())
 }
 
+/// After a reopen the durable head is the head (what RocksDB recovered is
+/// on disk, see `the_open_flushes_what_it_recovers`), and draining the
+/// recovered backlog needs no fsync (with failpoints: every later fsync
+/// fails, yet `make_durable` of the backlog succeeds).
+#[test]
+fn a_reopened_store_starts_with_what_it_recovered_durable() -> TestResult {
+    for pipelined in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let open = || {
+            Store::options()
+                .durability(Durability::Buffered)
+                .pipelined_fsync(pipelined)
+                .open(dir.path())
+        };
+        {
+            let store = open()?;
+            for i in 0..50u8 {
+                store.write(|tx| tx.emit(Event::bytes("e", "k", vec![i])))?;
+            }
+            assert_eq!(store.outbox().durable_head(), 0, "pipelined {pipelined}");
+        }
+        let store = open()?;
+        let outbox = store.outbox();
+        assert_eq!(outbox.head(), 50);
+        assert_eq!(outbox.durable_head(), 50, "pipelined {pipelined}");
+        #[cfg(feature = "failpoints")]
+        store.fail_fsyncs_after(0);
+        for through in [1, 25, 50] {
+            outbox.make_durable(through)?;
+        }
+        assert_eq!(outbox.durable_head(), 50);
+        // What comes after the reopen is not durable until an fsync.
+        store.write(|tx| tx.emit(Event::bytes("e", "k", vec![])))?;
+        assert_eq!(outbox.durable_head(), 50, "pipelined {pipelined}");
+        #[cfg(feature = "failpoints")]
+        assert!(
+            outbox.make_durable(51).is_err(),
+            "the fsync failpoint is armed: a new fsync must fail"
+        );
+        #[cfg(not(feature = "failpoints"))]
+        {
+            outbox.make_durable(51)?;
+            assert_eq!(outbox.durable_head(), 51);
+        }
+    }
+    Ok(())
+}
+
+/// What makes a recovered backlog durable is RocksDB's recovery flush
+/// (`avoid_flush_during_recovery` false): the store starts its durable
+/// head at the head on the strength of it. Pinned here from the OPTIONS
+/// file RocksDB writes, so a change of that option cannot go unnoticed.
+#[test]
+fn the_open_flushes_what_it_recovers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    drop(Store::open(dir.path())?);
+    let mut newest = None;
+    for e in std::fs::read_dir(dir.path().join("db"))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix("OPTIONS-") {
+            let n: u64 = n.parse()?;
+            if newest.as_ref().is_none_or(|(m, _)| n > *m) {
+                newest = Some((n, name));
+            }
+        }
+    }
+    let (_, name) = newest.ok_or("RocksDB wrote no OPTIONS file")?;
+    let text = std::fs::read_to_string(dir.path().join("db").join(name))?;
+    let value = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("avoid_flush_during_recovery="))
+        .ok_or("no avoid_flush_during_recovery in the OPTIONS file")?;
+    assert_eq!(value, "false", "the open must flush what it recovers");
+    Ok(())
+}
+
 #[test]
 fn durable_head_follows_the_fsyncs() -> TestResult {
     for pipelined in [true, false] {

@@ -70,7 +70,9 @@ impl Outbox {
     /// power loss. `Sync` commits are on disk when they return;
     /// `Buffered` ones once a later fsync covers them (a `Sync` commit,
     /// [`make_durable`](Outbox::make_durable), or the relay, which calls it
-    /// before it ships).
+    /// before it ships). After an open it is the head: RocksDB's recovery
+    /// writes what it replayed to fsynced files before the open returns,
+    /// so a recovered backlog ships without more fsyncs.
     pub fn durable_head(&self) -> u64 {
         self.store.inner.pipeline.durable_head()
     }

@@ -221,8 +221,9 @@ pub(crate) struct Pipeline {
     /// through [`Pipeline::advance_tail`]).
     tail: AtomicU64,
     /// The durable head: highest outbox seq known to be on disk (covered by
-    /// an fsync). Starts at 0: what a reopen recovered may sit in the page
-    /// cache only. INV-DURABLE: never above the written seq.
+    /// an fsync). Starts at the head an open recovered, which RocksDB's
+    /// recovery wrote to fsynced table files (see [`Pipeline::new`]).
+    /// INV-DURABLE: never above the written seq.
     durable_head: AtomicU64,
     /// Async commits waiting for `visible_version` to advance (a retry
     /// after a conflict, [`Pipeline::visible`]); woken after each group
@@ -238,14 +239,20 @@ pub(crate) struct Assigned {
 }
 
 impl Pipeline {
+    /// A pipeline for a store whose next outbox seq is `next_seq`. Every
+    /// entry below it must be on disk already: a RocksDB open (with
+    /// `avoid_flush_during_recovery` false, its default, see
+    /// `engine::rocksdb_options`) flushes what it replayed from the log to
+    /// fsynced table files before it returns. So the durable head starts at
+    /// `next_seq - 1`: a relay draining a recovered backlog pays no fsync
+    /// for it, and `durable_head()` is true from the start.
     pub(crate) fn new(next_seq: u64, tail: u64, limits: Limits) -> Pipeline {
         Pipeline {
             state: Mutex::new(State {
                 version: 0,
                 visible_version: 0,
-                // What a reopen recovered counts as written (it is in the
-                // log, maybe in the page cache only): the first fsync
-                // makes it durable.
+                // What a reopen recovered is written, and on disk (RocksDB's
+                // recovery flush).
                 written_seq: next_seq - 1,
                 syncing: false,
                 awaiting: Vec::new(),
@@ -259,7 +266,7 @@ impl Pipeline {
             poisoned: AtomicBool::new(false),
             visible: Condvar::new(),
             tail: AtomicU64::new(tail),
-            durable_head: AtomicU64::new(0),
+            durable_head: AtomicU64::new(next_seq - 1),
             visible_wakers: Mutex::new(Vec::new()),
             drivers: Drivers::default(),
         }

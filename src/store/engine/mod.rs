@@ -113,6 +113,12 @@ pub(crate) fn rocksdb_options(
     // ~2 GiB here) before the quiet families were flushed. Measured: 400 MiB
     // on disk after 3 s of 1 KiB commits, against 31 MiB for raw RocksDB.
     db.set_max_total_wal_size(128 << 20);
+    // Left at RocksDB's default, `avoid_flush_during_recovery = false`
+    // (the crate has no setter): an open replays the log into memtables and
+    // writes them to fsynced table files before it returns, so everything
+    // recovered is on disk, which `Pipeline::new` counts on (the durable
+    // head starts at the head). Pinned by a test that reads the OPTIONS
+    // file RocksDB writes.
 
     let cache = Cache::new_lru_cache(opts.block_cache_bytes);
     let mut table_opts = BlockBasedOptions::default();
