@@ -8,10 +8,18 @@
 //!   unless the row says otherwise), then shipped by the relay with batches
 //!   of 1, 100 and 1000, and with the default settings (batch 500, four
 //!   batches in flight), also with one batch in flight (what the relay did
-//!   before it pipelined batches); the raw publisher sends the same
-//!   300-byte payloads with a Nats-Msg-Id, 1000 acks in flight, every ack
-//!   awaited, once freely and once with at most one ack in flight per key
-//!   (the guarantee the relay keeps; see the NATS sink's order section).
+//!   before it pipelined batches). The raw publisher sends 1000 acks in
+//!   flight, every ack awaited, once freely and once with at most one ack
+//!   in flight per key (the guarantee the relay keeps; see the NATS sink's
+//!   order section), of two kinds of message: the same 300-byte payloads
+//!   with a Nats-Msg-Id, and exactly the messages the relay sent (subject,
+//!   headers, CloudEvents body, about 2.5 times the bytes), captured from
+//!   the stream after one untimed drain. Each relay row is compared with
+//!   both free-running raw rows.
+//!
+//!   `-- only=TEXT` runs the raw rows and the relay rows whose label
+//!   contains TEXT, nothing else (to profile one row); `-- events=N` sets
+//!   the events per row (default 50,000).
 //! - Latency: after one warm-up event, commits at a steady 5,000 events/s
 //!   (Sync durability) for a few seconds; commit-to-ack time of every event
 //!   (p50, p99, max).
@@ -56,15 +64,120 @@ async fn reset_stream(js: &jetstream::Context) -> BenchResult {
     Ok(())
 }
 
-/// `n` publishes, 1000 acks in flight; with `keys: Some(k)`, message `i`
-/// is of key `i % k` and waits until the previous one of its key is
-/// acknowledged (the order guarantee the relay keeps through reconnects).
-async fn raw(js: &jetstream::Context, n: usize, keys: Option<usize>) -> BenchResult<Duration> {
-    let payload = bytes::Bytes::from(vec![7u8; PAYLOAD]);
+/// A message to publish: subject, headers, body.
+type Message = (async_nats::Subject, HeaderMap, bytes::Bytes);
+
+/// The raw publisher's own message `i`: a 300-byte body with a Nats-Msg-Id.
+fn raw_message(payload: &bytes::Bytes, i: usize) -> Message {
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", format!("raw-{i}").as_str());
+    (
+        async_nats::Subject::from_static("bench.raw"),
+        h,
+        payload.clone(),
+    )
+}
+
+/// Messages captured from the stream, kept in one buffer (two allocations
+/// in all, given back when dropped, so that they do not weigh on the
+/// memory row).
+struct Captured {
+    buf: bytes::Bytes,
+    /// Per message: where its subject, headers (`name\0value\0` pairs) and
+    /// body are in `buf`.
+    spans: Vec<[std::ops::Range<usize>; 3]>,
+}
+
+impl Captured {
+    fn message(&self, i: usize) -> Message {
+        let [subject, headers, body] = self.spans[i].clone();
+        let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&self.buf[r]).into_owned();
+        let mut h = HeaderMap::new();
+        let mut parts = self.buf[headers].split(|b| *b == 0);
+        while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+            h.append(
+                String::from_utf8_lossy(name).as_ref(),
+                String::from_utf8_lossy(value).as_ref(),
+            );
+        }
+        (
+            async_nats::Subject::from(text(subject)),
+            h,
+            self.buf.slice(body),
+        )
+    }
+
+    /// Bytes of subject, headers and body, per message on average.
+    fn mean_size(&self) -> usize {
+        self.buf.len() / self.spans.len().max(1)
+    }
+}
+
+/// Every message of the stream, as stored (what the relay sent: subject,
+/// headers and CloudEvents body), in stream order.
+async fn stored_messages(js: &jetstream::Context, n: usize) -> BenchResult<Captured> {
+    use futures_util::StreamExt;
+    let stream = js.get_stream(STREAM).await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let (mut buf, mut spans) = (Vec::with_capacity(n * 1024), Vec::with_capacity(n));
+    let put = |buf: &mut Vec<u8>, bytes: &[u8]| {
+        let start = buf.len();
+        buf.extend_from_slice(bytes);
+        start..buf.len()
+    };
+    while spans.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "captured {} of {n} messages, then none for 30 s",
+                    spans.len()
+                )
+            })?
+            .ok_or("the stream ended early")??;
+        let m = m.split().0;
+        let subject = put(&mut buf, m.subject.as_bytes());
+        let start = buf.len();
+        for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
+            for value in values {
+                let name: &str = name.as_ref();
+                buf.extend_from_slice(name.as_bytes());
+                buf.push(0);
+                buf.extend_from_slice(value.as_str().as_bytes());
+                buf.push(0);
+            }
+        }
+        let headers = start..buf.len();
+        let body = put(&mut buf, &m.payload);
+        spans.push([subject, headers, body]);
+    }
+    Ok(Captured {
+        buf: bytes::Bytes::from(buf),
+        spans,
+    })
+}
+
+/// Publishes `message(0)` to `message(n - 1)`, 1000 acks in flight; with
+/// `keys: Some(k)`, message `i` is of key `i % k` and waits until the
+/// previous one of its key is acknowledged (the order guarantee the relay
+/// keeps through reconnects).
+async fn raw(
+    js: &jetstream::Context,
+    n: usize,
+    message: &dyn Fn(usize) -> Message,
+    keys: Option<usize>,
+) -> BenchResult<Duration> {
     let start = Instant::now();
     let mut inflight = VecDeque::new();
     let mut busy = vec![false; keys.unwrap_or(0)];
     for i in 0..n {
+        let (subject, headers, body) = message(i);
         let key = keys.map(|k| i % k);
         while inflight.len() >= 1000 || key.is_some_and(|k| busy[k]) {
             let Some((k, ack)) = inflight.pop_front() else {
@@ -75,11 +188,7 @@ async fn raw(js: &jetstream::Context, n: usize, keys: Option<usize>) -> BenchRes
                 busy[k] = false;
             }
         }
-        let mut h = HeaderMap::new();
-        h.insert("Nats-Msg-Id", format!("raw-{i}").as_str());
-        let ack = js
-            .publish_with_headers("bench.raw", h, payload.clone())
-            .await?;
+        let ack = js.publish_with_headers(subject, headers, body).await?;
         if let Some(k) = key {
             busy[k] = true;
         }
@@ -149,7 +258,23 @@ async fn main() -> BenchResult {
     // `cargo test --benches` runs bench binaries without `--bench`: keep that quick.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
-    let n = if quick { 2_000 } else { 50_000 };
+    // `-- only=TEXT`: the raw rows and the throughput rows whose label
+    // contains TEXT, nothing else (for profiling one row); `-- events=N`:
+    // N events per throughput row.
+    let only = args.iter().find_map(|a| a.strip_prefix("only="));
+    let n = match args.iter().find_map(|a| a.strip_prefix("events=")) {
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => return Err(format!("events={v}: give a number of events above 0").into()),
+        },
+        None => {
+            if quick {
+                2_000
+            } else {
+                50_000
+            }
+        }
+    };
     let server = NatsServer::start(&[])?;
     let client = async_nats::connect(server.url.as_str()).await?;
     let js = jetstream::new(client);
@@ -158,23 +283,80 @@ async fn main() -> BenchResult {
     if args.iter().any(|a| a == "latency") {
         return latency_rows(&js, &server.url, quick).await;
     }
-    println!("| run | events | seconds | events/s | vs raw |");
-    println!("|---|---:|---:|---:|---:|");
+    // The relay's own messages (CloudEvents envelopes, about 2.5 times the
+    // raw body's bytes), captured from one untimed drain, for a second raw
+    // baseline that sends exactly what the relay sends.
     reset_stream(&js).await?;
-    let raw_time = raw(&js, n, None).await?;
-    let raw_rate = n as f64 / raw_time.as_secs_f64();
-    println!(
-        "| raw async-nats, 1000 acks in flight | {n} | {:.3} | {raw_rate:.0} | 1.00 |",
-        raw_time.as_secs_f64()
-    );
-    reset_stream(&js).await?;
-    let t = raw(&js, n, Some(50)).await?;
-    let rate = n as f64 / t.as_secs_f64();
-    println!(
-        "| raw async-nats, 1000 acks in flight, at most one per key (50 keys) | {n} | {:.3} | {rate:.0} | {:.2} |",
-        t.as_secs_f64(),
-        rate / raw_rate
-    );
+    let relay_messages = {
+        let (_dir, store) = sinks::filled_store_keys("orders.changed", n, PAYLOAD, 50)?;
+        let sink = NatsSink::connect(options(&server.url)).await?;
+        sinks::drain_time_of(&store, sink, None, None).await?;
+        stored_messages(&js, n).await?
+    };
+    println!("| run | events | seconds | events/s | vs raw | vs raw, the relay's messages |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let payload = bytes::Bytes::from(vec![7u8; PAYLOAD]);
+    let raw_own = |i| raw_message(&payload, i);
+    let relay_own = |i| relay_messages.message(i);
+    let own_size = {
+        let (subject, h, body) = raw_own(0);
+        let h: usize = h
+            .iter()
+            .map(|(k, vs)| {
+                let k: &str = k.as_ref();
+                vs.iter()
+                    .map(|v| k.len() + v.as_str().len() + 2)
+                    .sum::<usize>()
+            })
+            .sum();
+        subject.len() + h + body.len()
+    };
+    type RawRow<'a> = (&'a str, &'a dyn Fn(usize) -> Message, usize, Option<usize>);
+    let raw_rows: [RawRow; 4] = [
+        ("1000 acks in flight", &raw_own, own_size, None),
+        (
+            "1000 acks in flight, at most one per key (50 keys)",
+            &raw_own,
+            own_size,
+            Some(50),
+        ),
+        (
+            "the relay's messages, 1000 acks in flight",
+            &relay_own,
+            relay_messages.mean_size(),
+            None,
+        ),
+        (
+            "the relay's messages, 1000 acks in flight, at most one per key (50 keys)",
+            &relay_own,
+            relay_messages.mean_size(),
+            Some(50),
+        ),
+    ];
+    let (mut raw_rate, mut same_rate) = (f64::NAN, f64::NAN);
+    for (label, message, size, keys) in raw_rows {
+        reset_stream(&js).await?;
+        let t = raw(&js, n, message, keys).await?;
+        let rate = n as f64 / t.as_secs_f64();
+        if keys.is_none() {
+            if raw_rate.is_nan() {
+                raw_rate = rate;
+            } else {
+                same_rate = rate;
+            }
+        }
+        println!(
+            "| raw async-nats, {label} (about {size} B a message) | {n} | {:.3} | {rate:.0} | {:.2} | {} |",
+            t.as_secs_f64(),
+            rate / raw_rate,
+            if same_rate.is_nan() {
+                String::new()
+            } else {
+                format!("{:.2}", rate / same_rate)
+            },
+        );
+    }
+    drop(relay_messages);
     // (label, keys, batch size, in-flight entries; `None`: the defaults)
     type Run = (&'static str, usize, Option<usize>, Option<usize>);
     let runs: [Run; 7] = [
@@ -196,7 +378,12 @@ async fn main() -> BenchResult {
             Some(1),
         ),
     ];
+    let mut matched = 0;
     for (label, keys, batch, in_flight) in runs {
+        if only.is_some_and(|only| !label.contains(only)) {
+            continue;
+        }
+        matched += 1;
         reset_stream(&js).await?;
         let (_dir, store) = sinks::filled_store_keys("orders.changed", n, PAYLOAD, keys)?;
         let sink = NatsSink::connect(options(&server.url)).await?;
@@ -208,10 +395,17 @@ async fn main() -> BenchResult {
             format!(", {keys} keys")
         };
         println!(
-            "| outboxkv relay, {label}{keys} | {n} | {:.3} | {rate:.0} | {:.2} |",
+            "| outboxkv relay, {label}{keys} | {n} | {:.3} | {rate:.0} | {:.2} | {:.2} |",
             t.as_secs_f64(),
-            rate / raw_rate
+            rate / raw_rate,
+            rate / same_rate
         );
+    }
+    if let Some(only) = only {
+        if matched == 0 {
+            return Err(format!("only={only}: no relay row's label contains it").into());
+        }
+        return Ok(());
     }
     {
         // The same backlog, recovered by a reopen (what a relay drains after
@@ -226,9 +420,10 @@ async fn main() -> BenchResult {
         let t = sinks::drain_time(&store, sink, 100).await?;
         let rate = n as f64 / t.as_secs_f64();
         println!(
-            "| outboxkv relay, batch 100, backlog recovered by a reopen | {n} | {:.3} | {rate:.0} | {:.2} |",
+            "| outboxkv relay, batch 100, backlog recovered by a reopen | {n} | {:.3} | {rate:.0} | {:.2} | {:.2} |",
             t.as_secs_f64(),
-            rate / raw_rate
+            rate / raw_rate,
+            rate / same_rate
         );
     }
     {
@@ -250,7 +445,7 @@ async fn main() -> BenchResult {
         relay.shutdown(outboxkv::relay::Shutdown::Now).await?;
         let peak = common::proc_status_kib("VmHWM:");
         println!(
-            "| outboxkv relay, default settings, {big} x 1 KiB backlog: RSS {} MiB before the drain, peak {} MiB during it | {big} | {:.3} | {:.0} | |",
+            "| outboxkv relay, default settings, {big} x 1 KiB backlog: RSS {} MiB before the drain, peak {} MiB during it | {big} | {:.3} | {:.0} | | |",
             before / 1024,
             peak / 1024,
             t.as_secs_f64(),
@@ -292,10 +487,11 @@ async fn main() -> BenchResult {
         let (count, _, during_p99, _) = sinks::percentiles(during);
         let rate = big as f64 / t.as_secs_f64();
         println!(
-            "| outboxkv relay, default, {big}-event backlog while 4 Sync writers commit ({count} commits; their p99 {idle_p99:.2} ms idle, {during_p99:.2} ms during the drain, {:.2}x) | {big} | {:.3} | {rate:.0} | {:.2} |",
+            "| outboxkv relay, default, {big}-event backlog while 4 Sync writers commit ({count} commits; their p99 {idle_p99:.2} ms idle, {during_p99:.2} ms during the drain, {:.2}x) | {big} | {:.3} | {rate:.0} | {:.2} | {:.2} |",
             during_p99 / idle_p99.max(f64::MIN_POSITIVE),
             t.as_secs_f64(),
-            rate / raw_rate
+            rate / raw_rate,
+            rate / same_rate
         );
     }
     latency_rows(&js, &server.url, quick).await
