@@ -106,11 +106,28 @@ impl Captured {
             self.buf.slice(body),
         )
     }
+}
 
-    /// Bytes of subject, headers and body, per message on average.
-    fn mean_size(&self) -> usize {
-        self.buf.len() / self.spans.len().max(1)
-    }
+/// Bytes of subject, headers (name, value and two bytes a pair) and body,
+/// per message on average over `message(0)` to `message(n - 1)`.
+fn mean_size(n: usize, message: &dyn Fn(usize) -> Message) -> usize {
+    let total: usize = (0..n)
+        .map(|i| {
+            let (subject, headers, body) = message(i);
+            let headers: usize = headers
+                .iter()
+                .map(|(name, values)| {
+                    let name: &str = name.as_ref();
+                    values
+                        .iter()
+                        .map(|v| name.len() + v.as_str().len() + 2)
+                        .sum::<usize>()
+                })
+                .sum();
+            subject.len() + headers + body.len()
+        })
+        .sum();
+    total / n.max(1)
 }
 
 /// Every message of the stream, as stored (what the relay sent: subject,
@@ -298,19 +315,8 @@ async fn main() -> BenchResult {
     let payload = bytes::Bytes::from(vec![7u8; PAYLOAD]);
     let raw_own = |i| raw_message(&payload, i);
     let relay_own = |i| relay_messages.message(i);
-    let own_size = {
-        let (subject, h, body) = raw_own(0);
-        let h: usize = h
-            .iter()
-            .map(|(k, vs)| {
-                let k: &str = k.as_ref();
-                vs.iter()
-                    .map(|v| k.len() + v.as_str().len() + 2)
-                    .sum::<usize>()
-            })
-            .sum();
-        subject.len() + h + body.len()
-    };
+    let own_size = mean_size(n, &raw_own);
+    let relay_size = mean_size(n, &relay_own);
     type RawRow<'a> = (&'a str, &'a dyn Fn(usize) -> Message, usize, Option<usize>);
     let raw_rows: [RawRow; 4] = [
         ("1000 acks in flight", &raw_own, own_size, None),
@@ -323,13 +329,13 @@ async fn main() -> BenchResult {
         (
             "the relay's messages, 1000 acks in flight",
             &relay_own,
-            relay_messages.mean_size(),
+            relay_size,
             None,
         ),
         (
             "the relay's messages, 1000 acks in flight, at most one per key (50 keys)",
             &relay_own,
-            relay_messages.mean_size(),
+            relay_size,
             Some(50),
         ),
     ];
